@@ -1,0 +1,104 @@
+"""The `retrikt` command line (Typer). A user mistake prints one line and exits 2, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .config import SpecError
+
+app = typer.Typer(help="Compress a teacher LLM into a tiny retrieving student (RetriKT) on Ray.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+DEFAULT_JOB = Path("jobs/demo.yaml")
+
+JobArg = Annotated[Optional[Path], typer.Argument(help="Job spec YAML (default: jobs/demo.yaml)")]
+SetOpt = Annotated[list[str], typer.Option("--set", help="Override a field: section.field=value (repeatable)")]
+
+
+def user_errors(command):
+    """Turn user mistakes into one line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from .models import ModelNotFound
+
+        try:
+            return command(*args, **kwargs)
+        except (SpecError, ModelNotFound) as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _load(job: Optional[Path], overrides: list[str]):
+    from .config import load_spec
+
+    return load_spec(job or DEFAULT_JOB, overrides)
+
+
+@app.command()
+@user_errors
+def validate(job: JobArg = None, set_: SetOpt = []) -> None:
+    """Check a job spec, its data files (every row) and its model names without running anything."""
+    from .pipeline import validate as validate_spec
+
+    typer.echo(f"ok: {validate_spec(_load(job, set_))}")
+
+
+@app.command()
+@user_errors
+def run(
+    job: JobArg = None,
+    set_: SetOpt = [],
+    stage: Annotated[Optional[str], typer.Option(help="Run only this stage (its inputs must be finished)")] = None,
+    force: Annotated[bool, typer.Option(help="Redo stages even if finished")] = False,
+) -> None:
+    """Run the pipeline on a local in-process Ray (or resources.address); finished stages are skipped."""
+    from .pipeline import run as run_pipeline
+    from .pipeline import validate as validate_spec
+
+    spec = _load(job, set_)
+    typer.echo(validate_spec(spec))
+    run_dir = run_pipeline(spec, only=stage, force=force, log=typer.echo)
+    typer.echo(f"run directory: {run_dir}")
+    _print_table(run_dir)
+
+
+@app.command()
+@user_errors
+def show(run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<job>-<hash>)")]) -> None:
+    """Print a run's stages, row counts, timings and metrics as a table."""
+    if not (run_dir / "job.yaml").is_file():
+        raise SpecError(f"{run_dir}: not a run directory (no job.yaml)")
+    _print_table(run_dir)
+
+
+def _print_table(run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .pipeline import stage_status
+
+    table = Table(title=str(run_dir))
+    for column in ("stage", "status", "seconds", "rows", "summary"):
+        table.add_column(column, overflow="fold")
+    for manifest in stage_status(run_dir):
+        counts = manifest.get("counts", {})
+        rows = ", ".join(f"{key} {value}" for key, value in counts.items())
+        seconds = manifest.get("seconds")
+        status = manifest["status"] + (" (reused)" if manifest.get("reused_from") else "")
+        table.add_row(manifest["stage"], status, "" if seconds is None else f"{seconds:.1f}", rows, manifest.get("summary", ""))
+    Console(width=max(120, Console().width)).print(table)
+
+
+def main() -> None:
+    app(prog_name="retrikt")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

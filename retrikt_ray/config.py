@@ -1,0 +1,320 @@
+"""The job spec: one YAML file, validated by pydantic, one section per stage.
+
+Every default of METHOD.md is a field here. Errors name the field path (`student.lr: ...`), so the CLI
+can print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(ValueError):
+    """A user mistake in a job spec, a data file or an override; the message is one line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- task
+class TaskSpec(Section):
+    """What the task is. Built-in names fill in every field; a custom task declares them here."""
+
+    name: str = Field("sst2", description="sst2, rte, cb, copa, or a name of your own for a custom task")
+    kind: Literal["classification", "choice"] | None = Field(
+        None, description="classification (one label per example) or choice (pick one of several alternatives)"
+    )
+    description: str | None = Field(None, description="One line saying what the texts are; starts the prompts")
+    format: Literal["jsonl", "tsv", "csv"] | None = Field(None, description="Data file format")
+    text_fields: list[str] | None = Field(None, description="Input fields, in the order they are shown")
+    choice_fields: list[str] | None = Field(None, description="choice tasks: the alternatives' fields")
+    label_field: str | None = Field(None, description="Field holding the gold label")
+    label_values: list[str] | None = Field(
+        None, description="Raw label values as they appear in the file (strings), one per label, in label order"
+    )
+    label_names: list[str] | None = Field(None, description="Human-readable label names, one per label")
+    verbalisers: list[str] | None = Field(None, description="One word per label that the teacher predicts")
+    generation_template: str | None = Field(
+        None, description="How an example is written for generation, with {field} slots, e.g. 'Premise: {premise}'"
+    )
+    classification_template: str | None = Field(
+        None, description="Teacher classification prompt with {field} slots; the verbaliser follows it"
+    )
+    student_template: str | None = Field(None, description="How the student sees an example, with {field} slots")
+    question_field: str | None = Field(None, description="choice tasks: field that selects a connective (COPA)")
+    connectives: dict[str, str] | None = Field(
+        None, description="choice tasks: question value -> words joining premise and alternative"
+    )
+
+
+class DataSpec(Section):
+    """Where the examples come from and how the few labelled ones are drawn."""
+
+    train_file: str | None = Field(None, description="Labelled pool the few shots are drawn from (default: packaged)")
+    dev_file: str | None = Field(None, description="Evaluation split (default: packaged)")
+    shots: int = Field(16, ge=1, description="k labelled examples per class (choice tasks: in total)")
+    seed: int = Field(0, description="Seed of the few-shot draw")
+    dev_limit: int | None = Field(None, ge=1, description="Evaluate on the first N dev rows only (None: all)")
+
+
+class TeacherSpec(Section):
+    model: str = Field("smollm2-135m-instruct", description="Packaged name, local folder or hub id of a causal LM")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Teacher weights' dtype")
+    trust_remote_code: bool = Field(False, description="Allow the model repository's own code to run")
+    calibration: Literal["pool", "content_free"] = Field(
+        "pool", description="Reference set for calibrating the verbaliser classifier"
+    )
+    hidden_layer: int = Field(-1, description="Teacher layer whose mean-pooled state is h_T (for L_rank)")
+    classify_batch_size: int = Field(32, ge=1, description="Texts per teacher forward when classifying")
+
+
+# --------------------------------------------------------------------------------------- stages
+class DeepSpeedOption(Section):
+    deepspeed: str | dict[str, Any] | None = Field(
+        None, description="DeepSpeed config (JSON file path or inline mapping) for this stage's optimisation"
+    )
+
+
+class PromptSpec(DeepSpeedOption):
+    """Stage 1: soft-prompt tuning of the frozen teacher (PEFT) on the few labelled examples."""
+
+    num_virtual_tokens: int = Field(20, ge=1, description="m, the soft prompt's length")
+    init_from_description: bool = Field(True, description="Initialise P from the embedding of the task description")
+    epochs: int = Field(10, ge=0, description="Passes over the few-shot set")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(3e-3, gt=0, description="Learning rate of the soft prompt")
+    max_length: int = Field(96, ge=8, description="Tokens per training text (prompt + example)")
+
+
+class PPOSpec(DeepSpeedOption):
+    """Stage 2: PPO on the soft prompt. Reward = alpha*log p_C(y|x) + beta*diversity - gamma*malformed."""
+
+    enabled: bool = Field(True, description="False: stage 3 uses the stage-1 prompt as is")
+    updates: int = Field(8, ge=0, description="PPO updates (each: one batch of rollouts, then ppo_epochs passes)")
+    rollouts_per_update: int = Field(16, ge=1, description="Samples drawn per update (split over labels)")
+    ppo_epochs: int = Field(2, ge=1)
+    minibatch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0, description="Learning rate of the soft prompt and value head")
+    alpha: float = Field(1.0, description="Weight of label consistency log p_C(y|x)")
+    beta: float = Field(0.5, description="Weight of diversity 1 - max cos to the label's memory bank")
+    gamma: float = Field(1.0, description="Penalty for a sample that does not parse or is out of length bounds")
+    kl_coef: float = Field(0.05, ge=0, description="eta, per-token KL to the stage-1 prompt")
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    discount: float = Field(1.0, ge=0, le=1, description="GAE gamma")
+    clip_eps: float = Field(0.2, gt=0, description="Clipping of the policy ratio")
+    value_clip: float = Field(0.2, gt=0, description="Clipping of the value update")
+    value_coef: float = Field(0.5, ge=0)
+    memory_bank_size: int = Field(128, ge=1, description="Recent accepted samples kept per label for diversity")
+    max_new_tokens: int = Field(48, ge=4)
+    top_p: float = Field(0.95, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+
+
+class GenerateSpec(Section):
+    """Stage 3: sharded generation, dedup and teacher annotation with Ray Data."""
+
+    samples_per_label: int = Field(500, ge=1, description="N_y, samples drawn per label before filtering")
+    batch_size: int = Field(16, ge=1, description="Sequences generated together by one replica")
+    rows_per_task: int = Field(64, ge=1, description="Samples per Ray Data row (one row = one label and seed)")
+    max_new_tokens: int = Field(48, ge=4)
+    top_p: float = Field(0.95, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    seed: int = Field(0)
+    min_words: int = Field(3, ge=1, description="Shorter samples are malformed (dropped, counted)")
+    max_words: int = Field(60, ge=1, description="Longer samples are malformed (dropped, counted)")
+    near_duplicate_cosine: float = Field(0.95, gt=0, le=1, description="Within a label, drop a sample this close")
+    on_disagreement: Literal["keep", "drop"] = Field(
+        "keep", description="A sample whose teacher label differs from its generated label: keep (soft label) or drop"
+    )
+
+
+class StoreSpec(Section):
+    """Stage 4: the knowledge store (FAISS over student-embedding keys)."""
+
+    index: Literal["auto", "flat", "hnsw", "ivfpq"] = Field("auto", description="auto: exact up to exact_max_rows")
+    exact_max_rows: int = Field(200_000, ge=1)
+    hnsw_m: int = Field(32, ge=4)
+    ivf_lists: int = Field(1024, ge=1)
+    pq_subquantizers: int = Field(16, ge=1)
+    encode_batch_size: int = Field(64, ge=1)
+
+
+class StudentSpec(DeepSpeedOption):
+    """The student encoder, and stage 5: training it to retrieve (L_kd + a*L_ce + b*L_rank)."""
+
+    model: str = Field("all-minilm-l6-v2", description="Packaged name, local folder or hub id of an encoder")
+    trust_remote_code: bool = Field(False)
+    max_length: int = Field(64, ge=8, description="Tokens per student input")
+    k: int = Field(16, ge=1, description="Neighbours retrieved from the store")
+    tau: float = Field(0.05, gt=0, description="Temperature of the neighbour weights")
+    lam: float = Field(0.5, ge=0, le=1, description="p = lam * p_ret + (1 - lam) * p_head")
+    a: float = Field(1.0, ge=0, description="Weight of L_ce on the gold few-shot set")
+    b: float = Field(1.0, ge=0, description="Weight of L_rank (listwise ranking distillation)")
+    tau_teacher: float = Field(0.05, gt=0, description="tau_T of L_rank")
+    tau_student: float = Field(0.05, gt=0, description="tau_S of L_rank")
+    epochs: int = Field(3, ge=0)
+    batch_size: int = Field(32, ge=2)
+    gold_per_batch: int = Field(8, ge=0, description="Gold few-shot examples oversampled into each batch")
+    lr: float = Field(3e-5, gt=0)
+    head_lr: float = Field(1e-3, gt=0, description="Learning rate of the linear head")
+    weight_decay: float = Field(0.01, ge=0)
+    seed: int = Field(0)
+
+
+class EvaluateSpec(Section):
+    """Stage 6: dev accuracy of student+store, the student head alone, and the teacher."""
+
+    teacher_zero_shot: bool = Field(True, description="Also score the teacher's calibrated zero-shot classifier")
+    latency_examples: int = Field(64, ge=1, description="Examples timed one at a time for CPU latency")
+    batch_size: int = Field(64, ge=1)
+
+
+class ResourcesSpec(Section):
+    """Where the work runs. Not part of any content hash: it changes speed, not results."""
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per training stage")
+    generation_replicas: int = Field(2, ge=1, description="Most teacher replicas generating at once")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per training worker")
+    cpus_per_replica: float = Field(0.5, gt=0, description="CPUs per generation replica (fractional on CPU nodes)")
+    use_gpu: bool = Field(False, description="One GPU per worker / replica")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per process (None: torch's default)")
+    address: str | None = Field(None, description="Ray address; None starts a local Ray in-process")
+
+
+class StorageSpec(Section):
+    runs_dir: str = Field("runs", description="Where run directories are written")
+    cache_dir: str = Field("~/.cache/retrikt", description="Converted models and other reusable downloads")
+
+
+class JobSpec(Section):
+    """A whole RetriKT job."""
+
+    name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Names the run directory")
+    task: TaskSpec = TaskSpec()
+    data: DataSpec = DataSpec()
+    teacher: TeacherSpec = TeacherSpec()
+    student: StudentSpec = StudentSpec()
+    prompt: PromptSpec = PromptSpec()
+    ppo: PPOSpec = PPOSpec()
+    generate: GenerateSpec = GenerateSpec()
+    store: StoreSpec = StoreSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    storage: StorageSpec = StorageSpec()
+
+    @field_validator("prompt", "ppo", "student")
+    @classmethod
+    def _deepspeed_file_exists(cls, section):
+        path = section.deepspeed
+        if isinstance(path, str) and not Path(path).expanduser().is_file():
+            raise ValueError(f"deepspeed: file not found: {path}")
+        return section
+
+    @model_validator(mode="after")
+    def _generation_bounds(self):
+        if self.generate.min_words > self.generate.max_words:
+            raise ValueError("generate.min_words is larger than generate.max_words")
+        return self
+
+    def section_hash(self, *paths: str) -> str:
+        """Content hash of the named config parts (`task`, `student.model`, ...)."""
+        payload = {path: self.lookup(path) for path in paths}
+        return content_hash(payload)
+
+    def lookup(self, path: str) -> Any:
+        value: Any = self.model_dump(mode="json")
+        for part in path.split("."):
+            value = value[part]
+        return value
+
+    def spec_hash(self) -> str:
+        """Hash of everything that changes results (resources and storage excluded)."""
+        dumped = self.model_dump(mode="json", exclude={"resources", "storage", "name"})
+        return content_hash(dumped)
+
+
+def content_hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# -------------------------------------------------------------------------------------- loading
+def _format_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "spec"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    extra = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{where}: {message}{extra}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.field=value` -> (['section', 'field'], parsed YAML value)."""
+    if "=" not in text:
+        raise SpecError(f"--set {text}: expected section.field=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise SpecError(f"--set {text}: empty field name")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {text}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_spec(path: str | Path | None = None, overrides: list[str] | None = None) -> JobSpec:
+    """Read, override and validate a job spec; relative data paths are resolved against its folder."""
+    raw: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError(f"{path}: job spec not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise SpecError(f"{path}{line}: not valid YAML ({getattr(error, 'problem', error)})") from None
+        if not isinstance(raw, dict):
+            raise SpecError(f"{path}: a job spec is a mapping of sections")
+        base = path.resolve().parent
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_format_error(error)) from None
+    return resolve_paths(spec, base)
+
+
+def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
+    for field in ("train_file", "dev_file"):
+        value = getattr(spec.data, field)
+        if value is not None and not Path(value).expanduser().is_absolute():
+            setattr(spec.data, field, str((base / value).resolve()))
+    return spec
+
+
+def dump_spec(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,138 @@
+"""The ordered stages and how a run walks them: hash, skip what is finished, reuse, run, record."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from .artifacts import (
+    StageRun,
+    find_finished_elsewhere,
+    is_finished,
+    read_manifest,
+    run_dir_for,
+    stage_hash,
+    write_job_file,
+)
+from .config import JobSpec, SpecError
+from .stages import evaluate, generate, ppo, prompt, store, student
+
+STAGES = (prompt, ppo, generate, store, student, evaluate)
+STAGE_NAMES = tuple(module.NAME for module in STAGES)
+# Stages whose results depend on the bytes of the training or dev file.
+_TRAIN_FILE_STAGES = {"prompt", "ppo", "student"}
+_DEV_FILE_STAGES = {"evaluate"}
+
+
+def validate(spec: JobSpec) -> str:
+    """Everything checkable without running: task, data files (every row), few-shot draw, model names."""
+    from .models import ModelNotFound, check_model_name
+    from .tasks import Task, data_files
+
+    task = Task.from_spec(spec.task)
+    train, dev = data_files(spec, task)
+    train_rows, dev_rows = task.load(train), task.load(dev)
+    task.few_shot(train_rows, spec.data.shots, spec.data.seed)
+    for field, name in (("teacher.model", spec.teacher.model), ("student.model", spec.student.model)):
+        try:
+            check_model_name(name)
+        except ModelNotFound as error:
+            raise SpecError(f"{field}: {error}") from None
+    return f"{spec.name}: task {task.name} ({task.num_labels} labels), {len(train_rows)} train rows, {len(dev_rows)} dev rows"
+
+
+def plan(spec: JobSpec, run_dir: Path) -> list[StageRun]:
+    """Every stage with its hash: its config parts, its data files and its inputs' hashes."""
+    from .tasks import Task, data_files
+
+    train, dev = data_files(spec, Task.from_spec(spec.task))
+    hashes: dict[str, str] = {}
+    runs = []
+    for module in STAGES:
+        inputs = {name: hashes[name] for name in module.INPUTS}
+        files = ([train] if module.NAME in _TRAIN_FILE_STAGES else []) + ([dev] if module.NAME in _DEV_FILE_STAGES else [])
+        hashes[module.NAME] = stage_hash(spec, module.CONFIG_KEYS, inputs, files)
+        runs.append(
+            StageRun(
+                name=module.NAME,
+                run_dir=run_dir,
+                stage_hash=hashes[module.NAME],
+                config={key: spec.lookup(key) for key in module.CONFIG_KEYS},
+                inputs={name: run_dir / name for name in module.INPUTS},
+                input_hashes=inputs,
+            )
+        )
+    return runs
+
+
+@contextlib.contextmanager
+def ray_session(spec: JobSpec):
+    """Connect to the spec's Ray address, or start a local Ray in-process; shut down what we started."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(
+        address=spec.resources.address,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+        log_to_driver=True,
+    )
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run(spec: JobSpec, only: str | None = None, force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Run the pipeline (or one stage) and return the run directory."""
+    from .models import teacher_path
+
+    if only is not None and only not in STAGE_NAMES:
+        raise SpecError(f"--stage {only}: not a stage (one of {', '.join(STAGE_NAMES)})")
+    run_dir = run_dir_for(spec)
+    write_job_file(run_dir, spec)
+    stages = plan(spec, run_dir)
+    modules = dict(zip(STAGE_NAMES, STAGES))
+    selected = [stage for stage in stages if only in (None, stage.name)]
+    for stage in selected:
+        for name, input_hash in stage.input_hashes.items():
+            if only is not None and not is_finished(run_dir / name, input_hash):
+                raise SpecError(f"--stage {only}: needs stage '{name}' finished first (run without --stage)")
+    pending = [stage for stage in selected if force or not is_finished(stage.dir, stage.stage_hash)]
+    for stage in selected:
+        if stage not in pending:
+            log(f"[{stage.name}] finished earlier, skipped")
+    if not pending:
+        return run_dir
+    teacher_path(spec.teacher.model, spec.storage.cache_dir)  # convert once here, not in every worker
+    with ray_session(spec):
+        for stage in pending:
+            source = None if force else find_finished_elsewhere(run_dir.parent, stage.name, stage.stage_hash, run_dir)
+            if source is not None:
+                stage.reuse(source)
+                log(f"[{stage.name}] same inputs as {source}, reused")
+                continue
+            stage.prepare()
+            started = time.perf_counter()
+            result = modules[stage.name].run(spec, stage)
+            manifest = stage.finish(result, time.perf_counter() - started)
+            log(f"[{stage.name}] {manifest['seconds']:.0f}s: {result.summary}")
+    return run_dir
+
+
+def stage_status(run_dir: Path) -> list[dict]:
+    """Each stage's manifest (or a 'missing' row) for `retrikt show`."""
+    rows = []
+    for name in STAGE_NAMES:
+        manifest = read_manifest(Path(run_dir) / name)
+        rows.append(manifest or {"stage": name, "status": "missing"})
+    return rows

@@ -1,0 +1,239 @@
+"""The retrieval-aware student (METHOD.md, stage 5) and its losses.
+
+For an input x: z = S(x) (mean-pooled, L2-normalised); the top-k store neighbours are weighted by
+w_j = softmax_j(cos(z, key_j) / tau); p_ret = sum_j w_j q_j; p_head = softmax(W z);
+p = lam * p_ret + (1 - lam) * p_head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .knowledge_store import KnowledgeStore
+
+PROB_FLOOR = 1e-8
+
+
+def encoder_fingerprint(encoder: torch.nn.Module) -> str:
+    """Short hash of every parameter's name, shape, dtype and bytes: any training step changes it.
+
+    All bytes are hashed rather than a sample, because a step can change only a few rows of a large
+    tensor (the embeddings of the tokens in a batch, under plain SGD).
+    """
+    digest = hashlib.sha256()
+    for name, parameter in encoder.named_parameters():
+        tensor = parameter.detach().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(parameter.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class RetrievalStudent(torch.nn.Module):
+    """An HF encoder with a linear head, predicting from its head and from the store's neighbours."""
+
+    def __init__(
+        self,
+        encoder,
+        tokenizer,
+        num_labels: int,
+        k: int = 16,
+        tau: float = 0.05,
+        lam: float = 0.5,
+        max_length: int = 64,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.head = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+        self.k = k
+        self.tau = tau
+        self.lam = lam
+        self.max_length = max_length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    @property
+    def num_labels(self) -> int:
+        return self.head.out_features
+
+    # --------------------------------------------------------------------------------- encoding
+    def encode(self, inputs: list[tuple[str, str | None]]) -> torch.Tensor:
+        """L2-normalised mean-pooled embeddings (B, hidden); gradient flows unless disabled by the caller.
+
+        Pairs and single texts are tokenized separately (a tokenizer takes either a list of pairs or
+        no second texts), then put back in input order.
+        """
+        singles = [i for i, (_, text_b) in enumerate(inputs) if text_b is None]
+        pairs = [i for i, (_, text_b) in enumerate(inputs) if text_b is not None]
+        z = torch.empty(len(inputs), self.encoder.config.hidden_size, device=self.device)
+        for rows, with_pairs in ((singles, False), (pairs, True)):
+            if rows:
+                text_a = [inputs[i][0] for i in rows]
+                text_b = [inputs[i][1] for i in rows] if with_pairs else None
+                z = z.index_copy(0, torch.tensor(rows, device=self.device), self._encode_texts(text_a, text_b))
+        return z
+
+    def _encode_texts(self, text_a: list[str], text_b: list[str] | None) -> torch.Tensor:
+        batch = self.tokenizer(
+            text_a, text_b, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.encoder(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+        return F.normalize(pooled, dim=-1)
+
+    def embed_all(
+        self, inputs: list[tuple[str, str | None]], batch_size: int = 64, progress: bool = False
+    ) -> np.ndarray:
+        """Embeddings of all inputs as float32 (N, hidden), without gradient, in eval mode."""
+        chunks = [np.zeros((0, self.encoder.config.hidden_size), dtype=np.float32)]
+        with _eval_mode(self), torch.no_grad():
+            for start in tqdm(range(0, len(inputs), batch_size), desc="embed", disable=not progress):
+                chunks.append(self.encode(inputs[start : start + batch_size]).cpu().numpy())
+        return np.concatenate(chunks).astype(np.float32)
+
+    # ------------------------------------------------------------------------------- prediction
+    def head_probs(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.head(z), dim=-1)
+
+    def retrieval_probs(
+        self, z: torch.Tensor, store: KnowledgeStore, exclude: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(p_ret (B, C), weights (B, k), ids (B, k)) from the store's top-k neighbours of z.
+
+        FAISS only picks the neighbours; their cosines are recomputed in torch so that the gradient
+        reaches z. Padding ids (-1, a store smaller than k) get weight 0.
+        """
+        _, ids = store.search(z.detach().float().cpu().numpy(), self.k, exclude)
+        rows = np.maximum(ids, 0)
+        keys = torch.from_numpy(store.keys[rows]).to(device=z.device, dtype=z.dtype)
+        soft_labels = torch.from_numpy(store.soft_labels[rows]).to(device=z.device, dtype=z.dtype)
+        ids = torch.from_numpy(ids).to(z.device)
+        cosines = torch.einsum("bd,bkd->bk", F.normalize(z, dim=-1), keys)
+        weights = torch.softmax((cosines / self.tau).masked_fill(ids < 0, float("-inf")), dim=-1)
+        p_ret = torch.einsum("bk,bkc->bc", weights, soft_labels)
+        return p_ret, weights, ids
+
+    def forward(self, z: torch.Tensor, store: KnowledgeStore, exclude: np.ndarray | None = None) -> dict:
+        p_ret, weights, ids = self.retrieval_probs(z, store, exclude)
+        p_head = self.head_probs(z)
+        p = self.lam * p_ret + (1 - self.lam) * p_head
+        return {"p": p, "p_ret": p_ret, "p_head": p_head, "weights": weights, "ids": ids}
+
+    def predict(
+        self, inputs: list[tuple[str, str | None]], store: KnowledgeStore, batch_size: int = 64
+    ) -> dict[str, np.ndarray]:
+        """p, p_ret and p_head (each (N, C) float32) for all inputs, without gradient, in eval mode."""
+        parts = {name: [np.zeros((0, self.num_labels), dtype=np.float32)] for name in ("p", "p_ret", "p_head")}
+        with _eval_mode(self), torch.no_grad():
+            for start in range(0, len(inputs), batch_size):
+                out = self(self.encode(inputs[start : start + batch_size]), store)
+                for name, chunks in parts.items():
+                    chunks.append(out[name].float().cpu().numpy())
+        return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+    # ---------------------------------------------------------------------------------- on disk
+    def save(self, folder) -> None:
+        """folder/encoder (HF encoder and tokenizer), student.safetensors (head), student.json."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(folder / "encoder")
+        self.tokenizer.save_pretrained(folder / "encoder")
+        head = {name: tensor.detach().cpu().contiguous() for name, tensor in self.head.state_dict().items()}
+        save_file(head, folder / "student.safetensors")
+        config = {
+            "num_labels": self.num_labels,
+            "k": self.k,
+            "tau": self.tau,
+            "lam": self.lam,
+            "max_length": self.max_length,
+        }
+        (folder / "student.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder, trust_remote_code: bool = False) -> RetrievalStudent:
+        """A saved student, on the CPU."""
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = Path(folder)
+        config = json.loads((folder / "student.json").read_text())
+        encoder = AutoModel.from_pretrained(folder / "encoder", trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder / "encoder", trust_remote_code=trust_remote_code)
+        student = cls(encoder, tokenizer, **config)
+        student.head.load_state_dict(load_file(folder / "student.safetensors"))
+        return student
+
+
+@contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """Eval mode inside the block; every submodule's own mode restored after."""
+    modes = {sub: sub.training for sub in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for sub, training in modes.items():
+            sub.train(training)
+
+
+# ------------------------------------------------------------------------------------------ losses
+def kd_loss(q_teacher: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(q || p), with 0 log 0 = 0 and p floored at 1e-8."""
+    q_teacher = q_teacher.to(device=p.device, dtype=p.dtype)
+    kl = torch.xlogy(q_teacher, q_teacher) - q_teacher * torch.log(p.clamp_min(PROB_FLOOR))
+    return kl.sum(dim=-1).mean()
+
+
+def ce_loss(targets: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the gold labels under p (floored at 1e-8)."""
+    targets = torch.as_tensor(targets, dtype=torch.long, device=p.device)
+    gold = p.gather(1, targets.unsqueeze(1)).squeeze(1)
+    return -torch.log(gold.clamp_min(PROB_FLOOR)).mean()
+
+
+def rank_loss(h_teacher: torch.Tensor, z: torch.Tensor, tau_teacher: float, tau_student: float) -> torch.Tensor:
+    """Listwise ranking distillation (RankCSE), mean over i of
+    KL(softmax_{j != i}(cos(h_i, h_j) / tau_T) || softmax_{j != i}(cos(z_i, z_j) / tau_S)).
+
+    A batch of one has no pairs to rank: its loss is 0.
+    """
+    size = z.shape[0]
+    if size < 2:
+        return z.sum() * 0.0
+    diagonal = torch.eye(size, dtype=torch.bool, device=z.device)
+    with torch.no_grad():
+        h = F.normalize(h_teacher.to(device=z.device, dtype=torch.float32), dim=-1)
+        q = torch.softmax((h @ h.T / tau_teacher).masked_fill(diagonal, float("-inf")), dim=-1)
+    zs = F.normalize(z.float(), dim=-1)
+    log_p = torch.log_softmax((zs @ zs.T / tau_student).masked_fill(diagonal, float("-inf")), dim=-1)
+    # the diagonal has q = 0 and log p = -inf; zeroing log p there keeps 0 * -inf out of the sum
+    kl = torch.xlogy(q, q) - q * log_p.masked_fill(diagonal, 0.0)
+    return kl.sum() / size
+
+
+def predict_examples(task, student: RetrievalStudent, store: KnowledgeStore, examples, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Task-level p, p_ret and p_head (each (n, num_labels)) for examples: what evaluation and serving return.
+
+    Choice tasks score each alternative's row as right or wrong; the alternatives' p(right) are
+    renormalised over the example's alternatives.
+    """
+    rows = [task.student_inputs(example) for example in examples]
+    flat = student.predict([row for example_rows in rows for row in example_rows], store, batch_size)
+    if task.kind == "classification":
+        return flat
+    out = {}
+    for name, probs in flat.items():
+        right = probs[:, 1].reshape(len(examples), -1)
+        out[name] = (right / np.clip(right.sum(axis=1, keepdims=True), 1e-12, None)).astype(np.float32)
+    return out

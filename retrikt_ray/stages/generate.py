@@ -1,0 +1,259 @@
+"""Stage 3: knowledge extraction. The teacher with the tuned prompt writes N_y samples per label.
+
+Ray Data maps (label, seed) rows over an autoscaling pool of teacher replicas (fractional CPUs on CPU
+nodes, one GPU each on GPU nodes). Every finished row is written at once as its own Parquet shard,
+so an interrupted run resumes where it stopped. Then: parse, exact and near-duplicate removal
+(student-embedding cosine within a label), and annotation with the calibrated teacher classifier
+p_C and the teacher's mean-pooled hidden state h_T (a second Ray Data pass). Every dropped sample is
+counted with its reason in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import StageResult, StageRun
+from ..config import JobSpec
+from ..tasks import Task
+
+NAME = "generate"
+INPUTS = ("ppo",)
+CONFIG_KEYS = ("task", "teacher", "student.model", "student.max_length", "generate")
+SAMPLES = "samples.parquet"
+
+
+def generation_rows(spec: JobSpec, task: Task) -> list[dict]:
+    """One row per (label, chunk): enough chunks for samples_per_label, each with its own seed."""
+    settings = spec.generate
+    rows = []
+    for label in range(task.num_labels):
+        remaining, chunk = settings.samples_per_label, 0
+        while remaining > 0:
+            count = min(settings.rows_per_task, remaining)
+            rows.append({"shard": f"{label}-{chunk:05d}", "label": label, "count": count, "seed": settings.seed * 100_003 + label * 10_007 + chunk})
+            remaining -= count
+            chunk += 1
+    return rows
+
+
+class Generator:
+    """A teacher replica with the tuned soft prompt (one per Ray Data actor)."""
+
+    def __init__(self, spec_json: dict, soft_prompt: list, threads: int | None):
+        import torch
+
+        from ..models import load_teacher
+        from ..teacher import Teacher
+
+        self.spec = JobSpec.model_validate(spec_json)
+        if threads:
+            torch.set_num_threads(threads)
+        device = "cuda" if self.spec.resources.use_gpu else "cpu"
+        model, tokenizer = load_teacher(self.spec.teacher.model, self.spec.storage.cache_dir, self.spec.teacher.dtype, self.spec.teacher.trust_remote_code)
+        model.to(device)
+        self.teacher = Teacher(model, tokenizer, Task.from_spec(self.spec.task), torch.tensor(soft_prompt, device=device))
+
+    def __call__(self, batch: dict) -> dict:
+        settings = self.spec.generate
+        out = {"shard": [], "label": [], "text": [], "tokens": []}
+        for shard, label, count, seed in zip(batch["shard"], batch["label"], batch["count"], batch["seed"]):
+            for start in range(0, int(count), settings.batch_size):
+                n = min(settings.batch_size, int(count) - start)
+                samples = self.teacher.sample(int(label), n, settings.max_new_tokens, settings.top_p, settings.temperature, int(seed) * 1000 + start)
+                out["shard"] += [shard] * n
+                out["label"] += [int(label)] * n
+                out["text"] += samples.texts
+                out["tokens"] += samples.mask.sum(dim=1).tolist()
+        return out
+
+
+class Annotator:
+    """A teacher replica without prompt: raw verbaliser probabilities and hidden states."""
+
+    def __init__(self, spec_json: dict, threads: int | None):
+        import torch
+
+        from ..models import load_teacher
+        from ..teacher import Teacher
+
+        self.spec = JobSpec.model_validate(spec_json)
+        if threads:
+            torch.set_num_threads(threads)
+        model, tokenizer = load_teacher(self.spec.teacher.model, self.spec.storage.cache_dir, self.spec.teacher.dtype, self.spec.teacher.trust_remote_code)
+        model.to("cuda" if self.spec.resources.use_gpu else "cpu")
+        self.task = Task.from_spec(self.spec.task)
+        self.teacher = Teacher(model, tokenizer, self.task)
+
+    def __call__(self, batch: dict) -> dict:
+        from ..tasks import Example
+
+        examples = [Example(fields=json.loads(fields), label=int(label)) for fields, label in zip(batch["fields"], batch["label"])]
+        probs = self.teacher.classify_raw(examples, self.spec.teacher.classify_batch_size)
+        states = self.teacher.hidden_states([self.task.generation_text(e).strip() for e in examples], self.spec.teacher.hidden_layer)
+        return {**batch, "raw_probs": list(probs), "teacher_state": list(states)}
+
+
+def _pool_options(spec: JobSpec) -> dict:
+    resources = spec.resources
+    options = {"concurrency": (1, resources.generation_replicas), "num_cpus": resources.cpus_per_replica}
+    if resources.use_gpu:
+        options["num_gpus"] = 1
+    return options
+
+
+def _replica_threads(spec: JobSpec) -> int | None:
+    return spec.resources.torch_threads or max(1, int(round(spec.resources.cpus_per_replica)))
+
+
+def run(spec: JobSpec, stage: StageRun) -> StageResult:
+    import pandas as pd
+    import ray
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    task = Task.from_spec(spec.task)
+    shards_dir = stage.dir / "shards"
+    shards_dir.mkdir(exist_ok=True)
+    rows = generation_rows(spec, task)
+    todo = [row for row in rows if not (shards_dir / f"{row['shard']}.parquet").exists()]
+    prompt = load_file(str(stage.inputs["ppo"] / "soft_prompt.safetensors"))["soft_prompt"].tolist()
+    spec_json = spec.model_dump(mode="json")
+    if todo:
+        dataset = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+            Generator,
+            fn_constructor_kwargs={"spec_json": spec_json, "soft_prompt": prompt, "threads": _replica_threads(spec)},
+            batch_size=1,
+            **_pool_options(spec),
+        )
+        with tqdm(total=sum(row["count"] for row in todo), desc="generating", unit="sample") as bar:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
+                for shard, frame in batch.groupby("shard"):
+                    frame.to_parquet(shards_dir / f"{shard}.parquet", index=False)
+                    bar.update(len(frame))
+    generated = pd.concat([pd.read_parquet(shards_dir / f"{row['shard']}.parquet") for row in rows], ignore_index=True)
+
+    kept, dropped = filter_samples(spec, task, generated)
+    annotated = annotate(spec, task, kept, spec_json)
+    teacher_labels = np.stack(annotated["soft_label"].to_numpy()).argmax(axis=1)
+    annotated["teacher_agrees"] = teacher_labels == annotated["label"].to_numpy()
+    disagreeing = int((~annotated["teacher_agrees"]).sum())
+    if spec.generate.on_disagreement == "drop":
+        annotated = annotated[annotated["teacher_agrees"]].reset_index(drop=True)
+        dropped["teacher_disagrees"] = disagreeing
+    annotated.to_parquet(stage.dir / SAMPLES, index=False)
+
+    counts = {
+        "generated": len(generated),
+        "kept": len(annotated),
+        **{f"dropped_{reason}": count for reason, count in sorted(dropped.items())},
+        "teacher_disagrees": disagreeing,
+        **{f"kept_label_{task.label_names[label]}": int((annotated["label"] == label).sum()) for label in range(task.num_labels)},
+    }
+    tokens = int(generated["tokens"].sum())
+    return StageResult(
+        metrics={"tokens_generated": tokens, "teacher_agreement": float(annotated["teacher_agrees"].mean()) if len(annotated) else 0.0},
+        counts=counts,
+        summary=f"{len(generated)} generated, {len(annotated)} kept ({', '.join(f'{k} {v}' for k, v in dropped.items())}); teacher disagrees on {disagreeing}",
+    )
+
+
+def filter_samples(spec: JobSpec, task: Task, generated) -> tuple:
+    """Parse, length bounds, exact and near duplicates. Returns (kept frame, Counter of drop reasons)."""
+    import pandas as pd
+
+    settings = spec.generate
+    dropped: Counter = Counter()
+    records, seen = [], set()
+    for text, label in zip(generated["text"], generated["label"]):
+        words = len(text.split())
+        if words < settings.min_words:
+            dropped["too_short"] += 1
+            continue
+        if words > settings.max_words:
+            dropped["too_long"] += 1
+            continue
+        example = task.parse_generation(text, int(label))
+        if example is None:
+            dropped["unparseable"] += 1
+            continue
+        key = (int(label), " ".join(text.lower().split()))
+        if key in seen:
+            dropped["exact_duplicate"] += 1
+            continue
+        seen.add(key)
+        records.append({"label": int(label), "text": text, "fields": json.dumps(example.fields)})
+    frame = pd.DataFrame(records, columns=["label", "text", "fields"])
+    keep = near_duplicate_mask(spec, frame)
+    dropped["near_duplicate"] = int((~keep).sum())
+    return frame[keep].reset_index(drop=True), dropped
+
+
+def near_duplicate_mask(spec: JobSpec, frame) -> np.ndarray:
+    """False for a sample whose student embedding is within the threshold of an earlier kept one of its label."""
+    import faiss
+
+    from ..models import load_encoder
+    from ..retrieval_student import RetrievalStudent
+
+    keep = np.ones(len(frame), dtype=bool)
+    if len(frame) == 0:
+        return keep
+    encoder, tokenizer = load_encoder(spec.student.model, spec.student.trust_remote_code)
+    student = RetrievalStudent(encoder, tokenizer, 2, max_length=spec.student.max_length)
+    embeddings = student.embed_all([(text, None) for text in frame["text"]], progress=True)
+    for label in np.unique(frame["label"]):
+        index = faiss.IndexFlatIP(embeddings.shape[1])
+        for row in np.flatnonzero(frame["label"].to_numpy() == label):
+            vector = embeddings[row : row + 1]
+            if index.ntotal and index.search(vector, 1)[0][0, 0] > spec.generate.near_duplicate_cosine:
+                keep[row] = False
+            else:
+                index.add(vector)
+    return keep
+
+
+def annotate(spec: JobSpec, task: Task, frame, spec_json: dict):
+    """Soft labels q_T (calibrated p_C) and h_T for every kept sample, through a Ray Data actor pool."""
+    import pandas as pd
+    import ray
+    from tqdm import tqdm
+
+    from ..teacher import calibrate
+
+    if len(frame) == 0:
+        return frame.assign(soft_label=[], teacher_state=[])
+    chunks = [frame.iloc[start : start + 64] for start in range(0, len(frame), 64)]
+    dataset = ray.data.from_pandas(chunks).map_batches(
+        Annotator,
+        fn_constructor_kwargs={"spec_json": spec_json, "threads": _replica_threads(spec)},
+        batch_size=64,
+        **_pool_options(spec),
+    )
+    parts = []
+    with tqdm(total=len(frame), desc="annotating", unit="sample") as bar:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
+            parts.append(batch)
+            bar.update(len(batch))
+    annotated = pd.concat(parts, ignore_index=True)
+    raw = np.stack(annotated["raw_probs"].to_numpy())
+    reference = content_free_reference(spec, task) if spec.teacher.calibration == "content_free" else raw.mean(axis=0)
+    annotated["soft_label"] = list(calibrate(raw, reference))
+    return annotated.drop(columns=["raw_probs"])
+
+
+def content_free_reference(spec: JobSpec, task: Task) -> np.ndarray:
+    from ..models import load_teacher
+    from ..teacher import Teacher
+
+    model, tokenizer = load_teacher(spec.teacher.model, spec.storage.cache_dir, spec.teacher.dtype, spec.teacher.trust_remote_code)
+    return Teacher(model, tokenizer, task).content_free_reference()
+
+
+def read_samples(stage_dir: Path):
+    import pandas as pd
+
+    return pd.read_parquet(Path(stage_dir) / SAMPLES)

@@ -1,0 +1,265 @@
+"""Stage 2: PPO on the soft prompt (this project's own PPO; TRL has none for prompt tuning).
+
+Policy = frozen teacher + trainable prompt P (from stage 1); reference = the same teacher with the
+stage-1 prompt, so the teacher's weights are shared, never copied. A value head (one linear layer on
+the last hidden state) is the critic. Sequence reward per sample:
+  alpha * log p_C(y | x)  +  beta * (1 - max cos(e(x), B_y))  -  gamma * [malformed]
+with a per-token KL penalty to the reference, GAE, the clipped surrogate and a clipped value loss.
+Every reward term is logged per update; `ppo_curves.png` plots them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artifacts import StageResult, StageRun
+from ..config import JobSpec
+from ..tasks import load_few_shot
+
+NAME = "ppo"
+INPUTS = ("prompt",)
+CONFIG_KEYS = (
+    "task",
+    "data.train_file",
+    "data.shots",
+    "data.seed",
+    "teacher",
+    "student.model",
+    "student.max_length",
+    "generate.min_words",
+    "generate.max_words",
+    "ppo",
+)
+# log p_C is floored so that a valid but off-label sample never scores below a malformed one.
+CONSISTENCY_FLOOR = 1e-2
+SOFT_PROMPT = "soft_prompt.safetensors"
+
+
+def run(spec: JobSpec, stage: StageRun) -> StageResult:
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from ..training import fit
+
+    initial = stage.inputs["prompt"] / SOFT_PROMPT
+    if not spec.ppo.enabled or spec.ppo.updates == 0:
+        shutil.copy2(initial, stage.dir / SOFT_PROMPT)
+        return StageResult(metrics={"enabled": False}, summary="PPO off: the stage-1 prompt is used as is")
+    prompt = load_file(str(initial))["soft_prompt"]
+    metrics = fit(train_loop, {"initial_prompt": prompt.tolist()}, spec, stage.dir)
+    plot_curves(metrics["history"], stage.dir / "ppo_curves.png")
+    before, after = metrics["before"], metrics["after"]
+    return StageResult(
+        metrics=metrics,
+        counts={"rollouts": metrics["rollouts"]},
+        summary=(
+            f"label consistency {before['consistency_rate']:.2f} -> {after['consistency_rate']:.2f}, "
+            f"distinct-2 {before['distinct_2']:.2f} -> {after['distinct_2']:.2f}"
+        ),
+    )
+
+
+class PromptPolicy(torch.nn.Module):
+    """The trainable part: the soft prompt and the value head. The teacher is passed in, not owned,
+    so data-parallel wrappers never replicate or synchronise its frozen weights."""
+
+    def __init__(self, initial_prompt: torch.Tensor):
+        super().__init__()
+        self.soft_prompt = torch.nn.Parameter(initial_prompt.clone())
+        self.value_head = torch.nn.Linear(initial_prompt.shape[1], 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, teacher, label: int, token_ids: torch.Tensor):
+        logprobs, hidden = teacher.continuation_outputs(label, token_ids, self.soft_prompt)
+        return logprobs, self.value_head(hidden.float()).squeeze(-1)
+
+
+class RewardModel:
+    """Scores samples: calibrated label consistency, diversity against a per-label memory bank, form."""
+
+    def __init__(self, spec: JobSpec, teacher, task, encoder, reference_mean: np.ndarray):
+        from ..rl import MemoryBank
+
+        self.spec, self.teacher, self.task, self.encoder = spec, teacher, task, encoder
+        self.reference_mean = reference_mean
+        self.bank = MemoryBank(task.num_labels, spec.ppo.memory_bank_size)
+
+    def parse(self, text: str, label: int):
+        words = len(text.split())
+        if not self.spec.generate.min_words <= words <= self.spec.generate.max_words:
+            return None
+        return self.task.parse_generation(text, label)
+
+    def score(self, label: int, texts: list[str]) -> dict[str, np.ndarray]:
+        from ..rl import diversity_reward
+        from ..teacher import calibrate
+
+        settings = self.spec.ppo
+        parsed = [self.parse(text, label) for text in texts]
+        valid = np.array([example is not None for example in parsed])
+        consistency = np.full(len(texts), math.log(CONSISTENCY_FLOOR))
+        agrees = np.zeros(len(texts), dtype=bool)
+        diversity = np.zeros(len(texts))
+        max_cos = np.full(len(texts), np.nan)
+        kept = [example for example in parsed if example is not None]
+        if kept:
+            probs = calibrate(self.teacher.classify_raw(kept), self.reference_mean)
+            consistency[valid] = np.log(np.clip(probs[:, label], CONSISTENCY_FLOOR, 1.0))
+            agrees[valid] = probs.argmax(axis=1) == label
+            embeddings = torch.from_numpy(self.encoder.embed_all([(texts[i], None) for i in np.flatnonzero(valid)]))
+            bonus = diversity_reward(self.bank, [label] * len(kept), embeddings, [True] * len(kept)).numpy()
+            diversity[valid] = bonus
+            max_cos[valid] = 1.0 - bonus
+        penalty = (~valid).astype(float)
+        reward = settings.alpha * consistency + settings.beta * diversity - settings.gamma * penalty
+        return {
+            "reward": reward,
+            "consistency": settings.alpha * consistency,
+            "diversity": settings.beta * diversity,
+            "penalty": -settings.gamma * penalty,
+            "agrees": agrees,
+            "valid": valid,
+            "max_cos": max_cos,
+        }
+
+
+def rollout_summary(scores: list[dict], texts: list[str], kl: float) -> dict[str, float]:
+    from ..rl import distinct_n
+
+    def mean(key):
+        return float(np.nanmean(np.concatenate([score[key] for score in scores]).astype(float)))
+
+    return {
+        "reward": mean("reward"),
+        "consistency_term": mean("consistency"),
+        "diversity_term": mean("diversity"),
+        "penalty_term": mean("penalty"),
+        "consistency_rate": mean("agrees"),
+        "valid_rate": mean("valid"),
+        "mean_max_cos": mean("max_cos") if any(np.isfinite(s["max_cos"]).any() for s in scores) else 0.0,
+        "distinct_2": distinct_n(texts, 2),
+        "kl": kl,
+    }
+
+
+def train_loop(config: dict) -> None:
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from ..models import load_encoder, load_teacher
+    from ..retrieval_student import RetrievalStudent
+    from ..rl import approx_kl, gae, policy_loss, token_rewards, value_loss, whiten
+    from ..teacher import Teacher
+    from ..training import Optimiser, report_outputs, set_threads, worker_context
+
+    spec = JobSpec.model_validate(config["spec"])
+    settings = spec.ppo
+    set_threads(spec.resources, spec.resources.cpus_per_worker)
+    rank, world, device = worker_context()
+    torch.manual_seed(spec.data.seed + rank)
+    task, few_shot = load_few_shot(spec)
+    model, tokenizer = load_teacher(spec.teacher.model, spec.storage.cache_dir, spec.teacher.dtype, spec.teacher.trust_remote_code)
+    model.to(device)
+    teacher = Teacher(model, tokenizer, task)
+    encoder_model, encoder_tokenizer = load_encoder(spec.student.model, spec.student.trust_remote_code)
+    encoder = RetrievalStudent(encoder_model, encoder_tokenizer, task.student_num_labels, max_length=spec.student.max_length)
+    reference_mean = (
+        teacher.content_free_reference()
+        if spec.teacher.calibration == "content_free"
+        else teacher.classify_raw(few_shot, spec.teacher.classify_batch_size).mean(axis=0)
+    )
+    rewards = RewardModel(spec, teacher, task, encoder, reference_mean)
+    reference_prompt = torch.tensor(config["initial_prompt"], device=device)
+    policy = PromptPolicy(reference_prompt).to(device)
+    optimiser = Optimiser(policy, [{"params": list(policy.parameters()), "lr": settings.lr}], settings.deepspeed, settings.minibatch_size, world)
+    # Each rank draws its own rollouts (different seeds): the data-parallel split of PPO's data.
+    per_label = max(1, settings.rollouts_per_update // (task.num_labels * world))
+
+    def collect(update: int):
+        teacher.soft_prompt = policy.soft_prompt.detach()
+        groups, scores, texts = [], [], []
+        for label in range(task.num_labels):
+            seed = 1_000_003 * (update + 1) + 101 * label + rank
+            samples = teacher.sample(label, per_label, settings.max_new_tokens, settings.top_p, settings.temperature, seed)
+            groups.append(samples)
+            scores.append(rewards.score(label, samples.texts))
+            texts.extend(samples.texts)
+        return groups, scores, texts
+
+    history = []
+    bar = tqdm(total=settings.updates, desc="ppo", disable=rank != 0)
+    for update in range(settings.updates):
+        groups, scores, texts = collect(update)
+        batches, kls = [], []
+        with torch.no_grad():
+            for samples, score in zip(groups, scores):
+                ids, mask = samples.token_ids.to(device), samples.mask.to(device).float()
+                old_logprobs, old_values = policy(teacher, samples.label, ids)
+                ref_logprobs, _ = teacher.continuation_outputs(samples.label, ids, reference_prompt)
+                per_token = token_rewards(torch.tensor(score["reward"], device=device, dtype=torch.float32), old_logprobs, ref_logprobs, mask, settings.kl_coef)
+                advantages, returns = gae(per_token, old_values, mask, settings.discount, settings.gae_lambda)
+                batches.append((samples.label, ids, mask, old_logprobs, old_values, whiten(advantages, mask), returns))
+                kls.append(approx_kl(old_logprobs, ref_logprobs, mask).item())
+        clip_fractions = []
+        for _ in range(settings.ppo_epochs):
+            for label, ids, mask, old_logprobs, old_values, advantages, returns in batches:
+                for start in range(0, len(ids), settings.minibatch_size):
+                    part = slice(start, start + settings.minibatch_size)
+                    logprobs, values = optimiser.model(teacher, label, ids[part])
+                    loss_pg, clipped = policy_loss(logprobs, old_logprobs[part], advantages[part], mask[part], settings.clip_eps)
+                    loss_v = value_loss(values, old_values[part], returns[part], mask[part], settings.value_clip)
+                    optimiser.step(loss_pg + settings.value_coef * loss_v)
+                    clip_fractions.append(clipped.item())
+        entry = {"update": update, **rollout_summary(scores, texts, float(np.mean(kls))), "clip_fraction": float(np.mean(clip_fractions))}
+        history.append(entry)
+        bar.update(1)
+        bar.set_postfix(reward=f"{entry['reward']:.2f}", consistency=f"{entry['consistency_rate']:.2f}")
+    bar.close()
+
+    # The first update's rollouts came from the stage-1 prompt: that is "before". "After" is a fresh
+    # batch from the final prompt, scored against the same bank state for a fair diversity figure.
+    _, final_scores, final_texts = collect(settings.updates)
+    after = rollout_summary(final_scores, final_texts, float("nan"))
+
+    def write(folder: Path) -> None:
+        save_file({"soft_prompt": policy.soft_prompt.detach().float().cpu().contiguous()}, str(folder / SOFT_PROMPT))
+        save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()}, str(folder / "value_head.safetensors"))
+
+    report_outputs(
+        {
+            "history": history,
+            "before": history[0],
+            "after": after,
+            "rollouts": settings.updates * per_label * task.num_labels * world,
+            "workers": world,
+        },
+        write,
+    )
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    updates = [entry["update"] for entry in history]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key in ("reward", "consistency_term", "diversity_term", "penalty_term"):
+        axes[0].plot(updates, [entry[key] for entry in history], marker="o", label=key)
+    axes[0].set_title("reward terms per update")
+    for key in ("consistency_rate", "distinct_2", "mean_max_cos", "kl"):
+        axes[1].plot(updates, [entry[key] for entry in history], marker="o", label=key)
+    axes[1].set_title("sample quality per update")
+    for axis in axes:
+        axis.set_xlabel("PPO update")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,113 @@
+"""Stage 1: tune a soft prompt P in front of the frozen teacher on the few labelled examples.
+
+Loss: mean token NLL of each example's text given `[P] Task: <description>. Label: <v(y)>. Text:`.
+Only P is trained (PEFT prompt tuning), inside a Ray Train TorchTrainer; DeepSpeed when configured.
+Outputs: `soft_prompt.safetensors` (m x hidden), the PEFT adapter, and the loss per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from ..artifacts import StageResult, StageRun
+from ..config import JobSpec
+from ..tasks import load_few_shot
+
+NAME = "prompt"
+INPUTS: tuple[str, ...] = ()
+CONFIG_KEYS = ("task", "data.train_file", "data.shots", "data.seed", "teacher.model", "teacher.dtype", "prompt")
+
+
+def run(spec: JobSpec, stage: StageRun) -> StageResult:
+    from ..training import fit
+
+    metrics = fit(train_loop, {}, spec, stage.dir)
+    losses = metrics["loss_per_epoch"]
+    return StageResult(
+        metrics=metrics,
+        counts={"few_shot_examples": metrics["examples"]},
+        summary=f"soft prompt of {spec.prompt.num_virtual_tokens} tokens; loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        if losses
+        else "soft prompt initialised (0 epochs)",
+    )
+
+
+def training_items(task, examples, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per example: the loss covers the example's text, not the prompt."""
+    items = []
+    for example in examples:
+        prompt = tokenizer(task.generation_prompt(example.label)).input_ids
+        target = tokenizer(task.generation_text(example) + "\n", add_special_tokens=False).input_ids
+        ids = (prompt + target)[:max_length]
+        labels = ([-100] * len(prompt) + target)[:max_length]
+        items.append((ids, labels))
+    return items
+
+
+def collate(items, pad_id: int, device) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), width), pad_id)
+    labels = torch.full((len(items), width), -100)
+    attention = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (ids, target) in enumerate(items):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(target)] = torch.tensor(target)
+        attention[row, : len(ids)] = 1
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": attention.to(device)}
+
+
+def train_loop(config: dict) -> None:
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from ..models import load_teacher, teacher_path
+    from ..training import Optimiser, report_outputs, set_threads, shard, worker_context
+
+    spec = JobSpec.model_validate(config["spec"])
+    set_threads(spec.resources, spec.resources.cpus_per_worker)
+    rank, world, device = worker_context()
+    settings = spec.prompt
+    torch.manual_seed(spec.data.seed)
+    task, few_shot = load_few_shot(spec)
+    model, tokenizer = load_teacher(spec.teacher.model, spec.storage.cache_dir, spec.teacher.dtype, spec.teacher.trust_remote_code)
+    peft_config = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=settings.num_virtual_tokens,
+        prompt_tuning_init=PromptTuningInit.TEXT if settings.init_from_description else PromptTuningInit.RANDOM,
+        prompt_tuning_init_text=task.description,
+        tokenizer_name_or_path=teacher_path(spec.teacher.model, spec.storage.cache_dir),
+    )
+    model = get_peft_model(model, peft_config).to(device)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimiser = Optimiser(model, [{"params": trainable, "lr": settings.lr}], settings.deepspeed, settings.batch_size, world)
+
+    items = shard(training_items(task, few_shot, tokenizer, settings.max_length), rank, world)
+    # Every rank takes the same number of steps, or the gradient all-reduce would wait forever.
+    steps = math.ceil(len(few_shot) / (settings.batch_size * world))
+    order = random.Random(spec.data.seed + rank)
+    losses = []
+    bar = tqdm(total=settings.epochs * steps, desc="prompt tuning", disable=rank != 0)
+    for _ in range(settings.epochs):
+        order.shuffle(items)
+        epoch_loss = 0.0
+        for step in range(steps):
+            batch = [items[(step * settings.batch_size + i) % len(items)] for i in range(settings.batch_size)]
+            loss = optimiser.model(**collate(batch, tokenizer.pad_token_id, device)).loss
+            optimiser.step(loss)
+            epoch_loss += loss.item() / steps
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        losses.append(epoch_loss)
+    bar.close()
+
+    def write(folder: Path) -> None:
+        prompt = model.get_prompt_embedding_to_save("default").detach().float().cpu().contiguous()
+        save_file({"soft_prompt": prompt}, str(folder / "soft_prompt.safetensors"))
+        model.save_pretrained(str(folder / "adapter"))
+
+    report_outputs({"loss_per_epoch": losses, "examples": len(few_shot), "workers": world}, write)

@@ -1,0 +1,71 @@
+"""Stage 4: the knowledge store. One row per student input of each kept sample (choice tasks: one
+per alternative), with the teacher's soft label q_T, h_T, and a key = the L2-normalised embedding of
+the row by the (not yet trained) student encoder. The FAISS index is exact up to store.exact_max_rows.
+The student stage re-encodes the keys with the trained encoder and saves the store it serves with.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..artifacts import StageResult, StageRun
+from ..config import JobSpec
+from ..tasks import Example, Task
+from .generate import read_samples
+
+NAME = "store"
+INPUTS = ("generate",)
+CONFIG_KEYS = ("task", "student.model", "student.max_length", "student.trust_remote_code", "store")
+
+
+def store_rows(task: Task, samples) -> dict:
+    """Student rows of the annotated samples: inputs, labels, soft labels, h_T, source example id."""
+    inputs, labels, soft, states, example_ids = [], [], [], [], []
+    for example_id, (fields, label, soft_label, state) in enumerate(
+        zip(samples["fields"], samples["label"], samples["soft_label"], samples["teacher_state"])
+    ):
+        example = Example(fields=json.loads(fields), label=int(label))
+        rows = task.student_inputs(example)
+        targets = task.row_targets(example)
+        soft_label = np.asarray(soft_label, dtype=np.float32)
+        for row, (row_input, target) in enumerate(zip(rows, targets)):
+            inputs.append(row_input)
+            labels.append(target)
+            # choice tasks: the soft label of "alternative i is right" is the teacher's p(i).
+            soft.append(soft_label if task.kind == "classification" else np.array([1 - soft_label[row], soft_label[row]], np.float32))
+            states.append(np.asarray(state, dtype=np.float32))
+            example_ids.append(example_id)
+    return {
+        "inputs": inputs,
+        "labels": np.array(labels, dtype=np.int64),
+        "soft_labels": np.stack(soft) if soft else np.zeros((0, task.student_num_labels), np.float32),
+        "teacher_states": np.stack(states) if states else None,
+        "example_ids": np.array(example_ids, dtype=np.int64),
+    }
+
+
+def run(spec: JobSpec, stage: StageRun) -> StageResult:
+    from ..knowledge_store import KnowledgeStore
+    from ..models import load_encoder
+    from ..retrieval_student import RetrievalStudent, encoder_fingerprint
+
+    task = Task.from_spec(spec.task)
+    rows = store_rows(task, read_samples(stage.inputs["generate"]))
+    if not rows["inputs"]:
+        from ..config import SpecError
+
+        raise SpecError("generate: no sample survived filtering, the store would be empty (see the generate manifest's counts)")
+    encoder, tokenizer = load_encoder(spec.student.model, spec.student.trust_remote_code)
+    student = RetrievalStudent(encoder, tokenizer, task.student_num_labels, max_length=spec.student.max_length)
+    keys = student.embed_all(rows["inputs"], batch_size=spec.store.encode_batch_size, progress=True)
+    store = KnowledgeStore(keys=keys, encoder_fingerprint=encoder_fingerprint(encoder), **rows)
+    settings = spec.store
+    store.build_index(settings.index, settings.exact_max_rows, settings.hnsw_m, settings.ivf_lists, settings.pq_subquantizers)
+    store.save(stage.dir)
+    return StageResult(
+        metrics={"dim": int(keys.shape[1]), "index": store.index_kind, "version": store.version},
+        counts={"rows": len(rows["inputs"]), "examples": int(rows["example_ids"].max()) + 1},
+        summary=f"{len(rows['inputs'])} rows, {store.index_kind} index, dim {keys.shape[1]}",
+    )

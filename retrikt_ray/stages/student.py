@@ -1,0 +1,115 @@
+"""Stage 5: train the retrieval-aware student inside Ray Train.
+
+For a store row x: z = S(x), its k neighbours in the store (itself excluded), w = softmax(cos/tau),
+p = lam * sum_j w_j q_j + (1 - lam) * softmax(W z). Loss = L_kd (KL(q_T || p) over store rows)
++ a * L_ce (gold few-shot rows, oversampled into every batch) + b * L_rank (listwise distillation of
+the teacher's similarities h_T into the student's). Keys are re-encoded after every epoch; the final
+store (keys of the trained encoder) is saved beside the student, and that pair is what is served.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artifacts import StageResult, StageRun
+from ..config import JobSpec
+from ..tasks import load_few_shot
+
+NAME = "student"
+INPUTS = ("store",)
+CONFIG_KEYS = ("task", "data.train_file", "data.shots", "data.seed", "student")
+
+
+def run(spec: JobSpec, stage: StageRun) -> StageResult:
+    from ..training import fit
+
+    metrics = fit(train_loop, {"store_dir": str(stage.inputs["store"].resolve())}, spec, stage.dir)
+    history = metrics["history"]
+    last = history[-1] if history else {}
+    return StageResult(
+        metrics=metrics,
+        counts={"store_rows": metrics["store_rows"], "gold_rows": metrics["gold_rows"]},
+        summary=f"{len(history)} epochs; last loss {last.get('loss', float('nan')):.3f} "
+        f"(kd {last.get('kd', float('nan')):.3f}, ce {last.get('ce', float('nan')):.3f}, rank {last.get('rank', float('nan')):.3f})",
+    )
+
+
+class StudentStep(torch.nn.Module):
+    """One forward of training: store rows (self excluded) and gold rows, through the data-parallel
+    wrapper so gradients are synchronised across workers."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, store, rows, row_ids, gold_rows):
+        z = self.student.encode(rows)
+        out = self.student(z, store, exclude=row_ids)
+        gold = self.student(self.student.encode(gold_rows), store) if gold_rows else None
+        return z, out, gold
+
+
+def train_loop(config: dict) -> None:
+    from tqdm import tqdm
+
+    from ..knowledge_store import KnowledgeStore
+    from ..models import load_encoder
+    from ..retrieval_student import RetrievalStudent, ce_loss, encoder_fingerprint, kd_loss, rank_loss
+    from ..training import Optimiser, report_outputs, set_threads, shard, worker_context
+
+    spec = JobSpec.model_validate(config["spec"])
+    settings = spec.student
+    set_threads(spec.resources, spec.resources.cpus_per_worker)
+    rank, world, device = worker_context()
+    torch.manual_seed(settings.seed)
+    task, few_shot = load_few_shot(spec)
+    store = KnowledgeStore.load(config["store_dir"])
+    encoder, tokenizer = load_encoder(settings.model, settings.trust_remote_code)
+    student = RetrievalStudent(encoder, tokenizer, task.student_num_labels, settings.k, settings.tau, settings.lam, settings.max_length).to(device)
+    gold_inputs = [row for example in few_shot for row in task.student_inputs(example)]
+    gold_targets = [target for example in few_shot for target in task.row_targets(example)]
+    head = list(student.head.parameters())
+    head_ids = {id(parameter) for parameter in head}
+    groups = [
+        {"params": [p for p in student.parameters() if id(p) not in head_ids], "lr": settings.lr, "weight_decay": settings.weight_decay},
+        {"params": head, "lr": settings.head_lr, "weight_decay": 0.0},
+    ]
+    optimiser = Optimiser(StudentStep(student), groups, settings.deepspeed, settings.batch_size, world)
+
+    soft = torch.from_numpy(store.soft_labels).to(device)
+    states = torch.from_numpy(store.teacher_states).to(device) if store.teacher_states is not None else None
+    generator = np.random.default_rng(settings.seed)
+    steps = math.ceil(len(store.inputs) / (settings.batch_size * world))
+    history = []
+    bar = tqdm(total=settings.epochs * steps, desc="student", disable=rank != 0)
+    for epoch in range(settings.epochs):
+        student.train()
+        # Same permutation on every rank (same seed), then each rank takes its own slice of it.
+        mine = shard(list(generator.permutation(len(store.inputs))), rank, world)
+        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "rank": 0.0}
+        for step in range(steps):
+            ids = np.array([mine[(step * settings.batch_size + i) % len(mine)] for i in range(settings.batch_size)])
+            gold = generator.choice(len(gold_inputs), size=min(settings.gold_per_batch, len(gold_inputs)), replace=False) if settings.gold_per_batch and settings.a > 0 else []
+            z, out, gold_out = optimiser.model(store, [store.inputs[i] for i in ids], ids, [gold_inputs[i] for i in gold])
+            l_kd = kd_loss(soft[ids], out["p"])
+            l_ce = ce_loss(torch.tensor([gold_targets[i] for i in gold], device=device), gold_out["p"]) if gold_out is not None else z.new_zeros(())
+            l_rank = rank_loss(states[ids], z, settings.tau_teacher, settings.tau_student) if states is not None and settings.b > 0 else z.new_zeros(())
+            loss = l_kd + settings.a * l_ce + settings.b * l_rank
+            optimiser.step(loss)
+            for key, value in (("loss", loss), ("kd", l_kd), ("ce", l_ce), ("rank", l_rank)):
+                totals[key] += value.item() / steps
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        store = store.with_keys(student.embed_all(store.inputs, batch_size=spec.store.encode_batch_size), encoder_fingerprint(student.encoder))
+        history.append({"epoch": epoch, **totals})
+    bar.close()
+
+    def write(folder: Path) -> None:
+        student.save(folder / "model")
+        store.save(folder / "store")
+
+    report_outputs({"history": history, "store_rows": len(store.inputs), "gold_rows": len(gold_inputs), "workers": world}, write)

@@ -1,0 +1,465 @@
+"""Tasks: what an example is, how to load a split, and how teacher and student see an example.
+
+A task is declared by a `TaskSpec`. The built-ins (sst2, rte, cb, copa) fill in every field; a user may
+override any of them. Any other name is a custom task, declared entirely by its spec fields.
+
+Two kinds of task:
+- classification: one label per example; the teacher predicts a verbaliser word after a prompt.
+- choice: pick one of several alternatives (COPA); the teacher scores each alternative as the
+  continuation of the premise joined to it by a connective, the student scores (context, alternative)
+  rows as wrong (0) or right (1).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import random
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .config import JobSpec, SpecError, TaskSpec
+
+DATA_DIR = Path(__file__).parent / "data"
+
+_ENTAILMENT_TEMPLATE = "{premise}\nQuestion: Does this imply that \"{hypothesis}\"? %s\nAnswer:"
+
+BUILTIN_TASKS: dict[str, dict] = {
+    "sst2": dict(
+        kind="classification",
+        description="Movie review sentences and their sentiment",
+        format="tsv",
+        text_fields=["sentence"],
+        label_field="label",
+        label_values=["0", "1"],
+        label_names=["negative", "positive"],
+        verbalisers=["negative", "positive"],
+        generation_template="{sentence}",
+        classification_template="Review: {sentence}\nSentiment (positive or negative):",
+    ),
+    "rte": dict(
+        kind="classification",
+        description="Pairs of a premise and a hypothesis that the premise entails or not",
+        format="jsonl",
+        text_fields=["premise", "hypothesis"],
+        label_field="label",
+        label_values=["entailment", "not_entailment"],
+        label_names=["entailment", "not_entailment"],
+        verbalisers=["yes", "no"],
+        generation_template="Premise: {premise} Hypothesis: {hypothesis}",
+        classification_template=_ENTAILMENT_TEMPLATE % "Yes or no?",
+    ),
+    "cb": dict(
+        kind="classification",
+        description="Pairs of a premise and a hypothesis that the premise entails, contradicts or neither",
+        format="jsonl",
+        text_fields=["premise", "hypothesis"],
+        label_field="label",
+        label_values=["entailment", "contradiction", "neutral"],
+        label_names=["entailment", "contradiction", "neutral"],
+        verbalisers=["yes", "no", "maybe"],
+        generation_template="Premise: {premise} Hypothesis: {hypothesis}",
+        classification_template=_ENTAILMENT_TEMPLATE % "Yes, no, or maybe?",
+    ),
+    "copa": dict(
+        kind="choice",
+        description="Everyday events with two alternatives, one being the more plausible cause or effect",
+        format="jsonl",
+        text_fields=["premise"],
+        choice_fields=["choice1", "choice2"],
+        question_field="question",
+        connectives={"cause": "because", "effect": "so"},
+        label_field="label",
+        label_values=["0", "1"],
+        label_names=["1", "2"],
+        verbalisers=["1", "2"],
+        generation_template="Premise: {premise} Question: {question} Alternative 1: {choice1} Alternative 2: {choice2}",
+    ),
+}
+
+# (train, dev) file names under data/<task>/; the large training files ship gzipped.
+_PACKAGED_FILES = {
+    "sst2": ("train.tsv.gz", "dev.tsv"),
+    "rte": ("train.jsonl.gz", "val.jsonl"),
+    "cb": ("train.jsonl", "val.jsonl"),
+    "copa": ("train.jsonl", "val.jsonl"),
+}
+
+_CUSTOM_REQUIRED = ("format", "text_fields", "label_field", "label_values", "description")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example of a task.
+
+    `fields` holds the text fields (for choice tasks also the alternatives and the question field),
+    whitespace-normalised. `label` indexes `task.label_names` (-1 when unknown). `source` is
+    "path:line" for a loaded example and "" for a generated one.
+    """
+
+    fields: dict[str, str]
+    label: int
+    source: str = ""
+
+
+def normalise(text: str) -> str:
+    """Collapse runs of whitespace to one space and strip the ends."""
+    return " ".join(text.split())
+
+
+class _Template:
+    """A text with {field} slots, parsed once: rendered forwards, and matched backwards by its literals."""
+
+    def __init__(self, text: str, where: str, known: list[str]):
+        self.text = text
+        self.parts: list[tuple[str, str | None]] = []  # (literal before, slot or None for the tail)
+        try:
+            parsed = list(string.Formatter().parse(text))
+        except ValueError as error:
+            raise SpecError(f"{where}: {error}") from None
+        for literal, field, spec, conversion in parsed:
+            if field is not None:
+                if field not in known:
+                    raise SpecError(f"{where}: slot {{{field}}} is not one of the task's fields {known}")
+                if spec or conversion:
+                    raise SpecError(f"{where}: slot {{{field}}} may not carry a format spec or conversion")
+            self.parts.append((literal, field))
+        self.fields = [field for _, field in self.parts if field is not None]
+
+    def render(self, values: dict[str, str]) -> str:
+        return "".join(literal + (values[field] if field is not None else "") for literal, field in self.parts)
+
+    def check_invertible(self, where: str, required: list[str]) -> None:
+        """Every required field exactly once, text between slots, one line (generation stops at a newline)."""
+        for field in required:
+            if self.fields.count(field) != 1:
+                raise SpecError(f"{where}: must contain {{{field}}} exactly once")
+        if "\n" in self.text:
+            raise SpecError(f"{where}: must be a single line")
+        for (literal, field), previous in zip(self.parts[1:], self.parts):
+            if field is not None and previous[1] is not None and not literal.strip():
+                raise SpecError(f"{where}: slots {{{previous[1]}}} and {{{field}}} need text between them")
+
+    def match(self, text: str) -> dict[str, str] | None:
+        """Recover the slot values from a rendered text, or None when the literals are not found."""
+        pattern = ""
+        for literal, field in self.parts:
+            words = literal.split()
+            pattern += r"\s*" + r"\s+".join(map(re.escape, words)) + r"\s*" if words else r"\s*"
+            if field is not None:
+                pattern += "(.*?)"
+        found = re.fullmatch(pattern, text, flags=re.DOTALL)
+        if found is None:
+            return None
+        return {field: normalise(value) for field, value in zip(self.fields, found.groups())}
+
+
+class Task:
+    """A resolved task. Build it with `Task.from_spec(spec)`; `task.spec` is the resolved `TaskSpec`."""
+
+    def __init__(self, spec: TaskSpec):
+        self.spec = spec
+        self.name = spec.name
+        self.kind = spec.kind
+        self.description = spec.description
+        self.label_names = list(spec.label_names)
+        self.verbalisers = list(spec.verbalisers)
+        self.num_labels = len(self.label_names)
+        self.text_fields = list(spec.text_fields)
+        self.choice_fields = list(spec.choice_fields or [])
+        self.question_field = spec.question_field
+        self.connectives = dict(spec.connectives or {})
+        question = [self.question_field] if self.question_field else []
+        self._input_fields = self.text_fields + question + self.choice_fields
+        self._validate()
+
+        known = self._input_fields
+        self._generation_template = _Template(spec.generation_template, "task.generation_template", known)
+        self._generation_template.check_invertible("task.generation_template", known)
+        self._classification_template = None
+        if spec.classification_template is not None:
+            self._classification_template = _Template(
+                spec.classification_template, "task.classification_template", known
+            )
+        self._student_template = None
+        if spec.student_template is not None:
+            self._student_template = _Template(spec.student_template, "task.student_template", known)
+
+    # ------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_spec(cls, spec: TaskSpec) -> Task:
+        """Merge the user's fields over the built-in's (if any), fill in the defaults, validate."""
+        user = {key: value for key, value in spec.model_dump().items() if value is not None}
+        builtin = BUILTIN_TASKS.get(spec.name)
+        if builtin is None:
+            for field in _CUSTOM_REQUIRED:
+                if field not in user:
+                    raise SpecError(f"task.{field}: required for a custom task")
+        merged = {"kind": "classification", **(builtin or {}), **user}
+
+        merged.setdefault("label_names", list(merged["label_values"]))
+        merged.setdefault("verbalisers", list(merged["label_names"]))
+        if "generation_template" not in merged:
+            merged["generation_template"] = _default_generation_template(merged)
+        if merged["kind"] == "classification" and "classification_template" not in merged:
+            answers = " or ".join(merged["verbalisers"])
+            merged["classification_template"] = merged["generation_template"] + f"\nAnswer ({answers}):"
+        return cls(TaskSpec(**merged))
+
+    def _validate(self) -> None:
+        spec = self.spec
+        if not spec.description.strip():
+            raise SpecError("task.description: must not be empty")
+        if not self.text_fields:
+            raise SpecError("task.text_fields: needs at least one field")
+        if len(spec.label_values) < 2:
+            raise SpecError("task.label_values: needs at least two labels")
+        for field in ("label_values", "label_names", "verbalisers"):
+            values = getattr(spec, field)
+            if len(values) != len(spec.label_values):
+                raise SpecError(f"task.{field}: {len(values)} given for {len(spec.label_values)} label_values")
+            if len(set(values)) != len(values):
+                raise SpecError(f"task.{field}: values must be distinct")
+        if self.kind == "classification":
+            for word in self.verbalisers:
+                if word.split() != [word]:
+                    raise SpecError(f"task.verbalisers: '{word}' is not a single word")
+            for field in ("choice_fields", "question_field", "connectives"):
+                if getattr(spec, field) is not None:
+                    raise SpecError(f"task.{field}: only choice tasks use it")
+        else:
+            if len(self.choice_fields) < 2:
+                raise SpecError("task.choice_fields: a choice task needs at least two")
+            if len(spec.label_values) != len(self.choice_fields):
+                raise SpecError(
+                    f"task.label_values: a choice task has one label per choice field ({len(self.choice_fields)})"
+                )
+            if self.question_field is not None and not self.connectives:
+                raise SpecError("task.connectives: required when question_field is set")
+            if self.connectives and self.question_field is None:
+                raise SpecError("task.question_field: required when connectives are set")
+            if spec.student_template is not None:
+                raise SpecError("task.student_template: only classification tasks use it")
+        if len(set(self._input_fields)) != len(self._input_fields):
+            raise SpecError("task.text_fields: the text, choice and question fields must all differ")
+        if spec.label_field in self._input_fields:
+            raise SpecError(f"task.label_field: '{spec.label_field}' is also an input field")
+
+    # ---------------------------------------------------------------------------------- loading
+    def default_files(self) -> tuple[str, str]:
+        """The packaged (train, dev) files of a built-in task."""
+        if self.name not in _PACKAGED_FILES:
+            raise SpecError(
+                f"data.train_file: custom task '{self.name}' has no packaged data; set train_file and dev_file"
+            )
+        train, dev = _PACKAGED_FILES[self.name]
+        return str(DATA_DIR / self.name / train), str(DATA_DIR / self.name / dev)
+
+    def load(self, path: str | Path) -> list[Example]:
+        """Read a jsonl, tsv or csv file (optionally .gz) into examples; a bad row raises `path:line: ...`."""
+        path = str(path)
+        if not Path(path).is_file():
+            raise SpecError(f"{path}: file not found")
+        columns = self._input_fields + [self.spec.label_field]
+        examples = []
+        try:
+            with _open_text(path) as handle:
+                if self.spec.format == "jsonl":
+                    rows = _jsonl_rows(handle, path)
+                elif self.spec.format == "tsv":
+                    # QUOTE_NONE: GLUE tsv files hold bare quote characters inside sentences
+                    rows = _table_rows(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), path, columns)
+                else:
+                    rows = _table_rows(csv.reader(handle), path, columns)
+                for line, record in rows:
+                    examples.append(self._example(record, f"{path}:{line}"))
+        except UnicodeDecodeError as error:
+            raise SpecError(f"{path}: not UTF-8 text ({error.reason})") from None
+        except (gzip.BadGzipFile, EOFError) as error:
+            raise SpecError(f"{path}: not a readable gzip file ({error})") from None
+        if not examples:
+            raise SpecError(f"{path}: no examples")
+        return examples
+
+    def _example(self, record: dict, source: str) -> Example:
+        fields = {}
+        for field in self._input_fields:
+            if field not in record:
+                raise SpecError(f"{source}: missing field '{field}'")
+            if not isinstance(record[field], str):
+                raise SpecError(f"{source}: field '{field}' is not a string")
+            fields[field] = normalise(record[field])
+        label_field = self.spec.label_field
+        if label_field not in record:
+            raise SpecError(f"{source}: missing field '{label_field}'")
+        raw_label = record[label_field]
+        raw_label = raw_label if isinstance(raw_label, str) else json.dumps(raw_label)
+        if raw_label not in self.spec.label_values:
+            raise SpecError(f"{source}: label '{raw_label}' is not one of {self.spec.label_values}")
+        question = fields.get(self.question_field)
+        if self.question_field and question not in self.connectives:
+            raise SpecError(f"{source}: {self.question_field} '{question}' is not one of {list(self.connectives)}")
+        return Example(fields, self.spec.label_values.index(raw_label), source)
+
+    # ------------------------------------------------------------------------------- few shots
+    def few_shot(self, examples: list[Example], k: int, seed: int) -> list[Example]:
+        """Draw the labelled few shots: k per class (classification) or k in total (choice), shuffled."""
+        rng = random.Random(seed)
+        labelled = [example for example in examples if example.label >= 0]
+        if self.kind == "choice":
+            if len(labelled) < k:
+                raise SpecError(f"data.shots: {k} shots asked, only {len(labelled)} labelled examples")
+            return rng.sample(labelled, k)
+        shots = []
+        for label, name in enumerate(self.label_names):
+            pool = [example for example in labelled if example.label == label]
+            if len(pool) < k:
+                raise SpecError(f"data.shots: {k} shots per class asked, class '{name}' has only {len(pool)}")
+            shots.extend(rng.sample(pool, k))
+        rng.shuffle(shots)
+        return shots
+
+    # ------------------------------------------------------------------------------ generation
+    def generation_prompt(self, label: int) -> str:
+        """The text that precedes a generated example of `label` (after the soft prompt)."""
+        return f"Task: {self.description}. Label: {self.verbalisers[label]}. Text:"
+
+    def generation_text(self, example: Example) -> str:
+        """The example as the teacher learns to write it after `generation_prompt`, with a leading space."""
+        return " " + self._generation_template.render(example.fields)
+
+    def parse_generation(self, text: str, label: int) -> Example | None:
+        """Recover an example from generated text; None when it does not parse."""
+        text = text.split("\n", 1)[0]
+        for marker in ("Task:", "Label:"):  # the model went on to write a new example
+            text = text.split(marker, 1)[0]
+        fields = self._generation_template.match(text.strip())
+        if fields is None or not all(fields.values()):
+            return None
+        if self.question_field and fields[self.question_field] not in self.connectives:
+            return None
+        return Example(fields, label)
+
+    # --------------------------------------------------------------------------------- teacher
+    def classification_prompt(self, example: Example) -> str:
+        """Classification tasks: the prompt whose next token is a label's verbaliser."""
+        if self._classification_template is None:
+            raise ValueError(f"task '{self.name}' is a choice task: use choice_contexts")
+        return self._classification_template.render(example.fields)
+
+    def choice_contexts(self, example: Example) -> list[tuple[str, str]]:
+        """Choice tasks: (context, continuation) per alternative, for scoring the continuation's log-prob."""
+        context = self._choice_context(example)
+        return [(context, " " + example.fields[field]) for field in self.choice_fields]
+
+    def _choice_context(self, example: Example) -> str:
+        premise = " ".join(example.fields[field] for field in self.text_fields)
+        if self.question_field is None:
+            return premise
+        return premise + " " + self.connectives[example.fields[self.question_field]]
+
+    # --------------------------------------------------------------------------------- student
+    def student_inputs(self, example: Example) -> list[tuple[str, str | None]]:
+        """What the student encodes, one (text_a, text_b) per row: one row, or one per alternative."""
+        if self.kind == "choice":
+            context = self._choice_context(example)
+            return [(context, example.fields[field]) for field in self.choice_fields]
+        if self._student_template is not None:
+            return [(self._student_template.render(example.fields), None)]
+        texts = [example.fields[field] for field in self.text_fields]
+        if len(texts) == 1:
+            return [(texts[0], None)]
+        return [(texts[0], " ".join(texts[1:]))]
+
+    def row_targets(self, example: Example) -> list[int]:
+        """Gold target of each student row: the label, or 1 for the right alternative and 0 otherwise."""
+        if self.kind == "choice":
+            return [int(index == example.label) for index in range(len(self.choice_fields))]
+        return [example.label]
+
+    @property
+    def student_num_labels(self) -> int:
+        """Classes of the student's head: the labels, or (wrong, right) for a choice task."""
+        return 2 if self.kind == "choice" else self.num_labels
+
+
+def _default_generation_template(fields: dict) -> str:
+    text_fields = list(fields["text_fields"])
+    question = [fields["question_field"]] if fields.get("question_field") else []
+    if fields["kind"] == "classification" and len(text_fields) == 1:
+        return "{%s}" % text_fields[0]
+    parts = [f"{_title(field)}: {{{field}}}" for field in text_fields + question]
+    choices = fields.get("choice_fields") or []
+    parts += [f"Alternative {number}: {{{field}}}" for number, field in enumerate(choices, 1)]
+    return " ".join(parts)
+
+
+def _title(field: str) -> str:
+    return field.replace("_", " ").title()
+
+
+def _open_text(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _jsonl_rows(handle, path: str) -> Iterator[tuple[int, dict]]:
+    for line, text in enumerate(handle, 1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SpecError(f"{path}:{line}: bad JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise SpecError(f"{path}:{line}: expected a JSON object, found {type(record).__name__}")
+        yield line, record
+
+
+def _table_rows(reader, path: str, columns: list[str]) -> Iterator[tuple[int, dict]]:
+    """Rows of a table with a header, keyed by column name, with the line each row starts on."""
+    header = None
+    previous_end = 0
+    try:
+        for row in reader:
+            line, previous_end = previous_end + 1, reader.line_num  # a quoted csv row may span lines
+            if not row:
+                continue
+            if header is None:
+                header = row
+                for column in columns:
+                    if column not in header:
+                        raise SpecError(f"{path}:{line}: missing field '{column}' (the header has {header})")
+                continue
+            if len(row) != len(header):
+                raise SpecError(f"{path}:{line}: expected {len(header)} columns, found {len(row)}")
+            yield line, dict(zip(header, row))
+    except csv.Error as error:
+        raise SpecError(f"{path}:{reader.line_num}: {error}") from None
+
+
+def data_files(spec: JobSpec, task: Task) -> tuple[str, str]:
+    """(train, dev) files of a job: the spec's, else the task's packaged ones."""
+    if spec.data.train_file and spec.data.dev_file:
+        return spec.data.train_file, spec.data.dev_file
+    train, dev = task.default_files()
+    return spec.data.train_file or train, spec.data.dev_file or dev
+
+
+def load_few_shot(spec: JobSpec) -> tuple[Task, list[Example]]:
+    """The task and its few labelled examples D_L (k per class, drawn with the data seed)."""
+    task = Task.from_spec(spec.task)
+    train, _ = data_files(spec, task)
+    return task, task.few_shot(task.load(train), spec.data.shots, spec.data.seed)
+
+
+def load_dev(spec: JobSpec) -> tuple[Task, list[Example]]:
+    """The task and its evaluation examples (the first data.dev_limit when set)."""
+    task = Task.from_spec(spec.task)
+    _, dev = data_files(spec, task)
+    return task, task.load(dev)[: spec.data.dev_limit]

@@ -1,0 +1,395 @@
+"""Knowledge store search and persistence, the student's losses, and the retrieval student on a tiny BERT."""
+
+import math
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from retrikt_ray.knowledge_store import KnowledgeStore
+from retrikt_ray.retrieval_student import RetrievalStudent, ce_loss, encoder_fingerprint, kd_loss, rank_loss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_threaded():
+    """One thread for torch and FAISS: these inputs are tiny, and the two OpenMP pools spin against
+    each other (and against other processes) on a small machine, slowing the tests tenfold."""
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(torch_threads)
+    faiss.omp_set_num_threads(faiss_threads)
+
+
+def unit_rows(array):
+    return (array / np.linalg.norm(array, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_store(keys, num_labels=3, seed=0, teacher_dim=None):
+    rng = np.random.default_rng(seed)
+    rows = len(keys)
+    soft = rng.dirichlet(np.ones(num_labels), size=rows).astype(np.float32)
+    states = rng.normal(size=(rows, teacher_dim)).astype(np.float32) if teacher_dim else None
+    inputs = [(f"text {i}", None if i % 2 else f"second {i}") for i in range(rows)]
+    return KnowledgeStore(
+        inputs=inputs,
+        labels=rng.integers(0, num_labels, size=rows),
+        soft_labels=soft,
+        keys=keys,
+        teacher_states=states,
+        encoder_fingerprint="test",
+    )
+
+
+def clustered(rows, dim, clusters, seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    return unit_rows(centres[rng.integers(0, clusters, size=rows)] + 0.3 * rng.normal(size=(rows, dim)))
+
+
+# ---------------------------------------------------------------------------------------- store
+def test_flat_search_equals_brute_force():
+    rng = np.random.default_rng(1)
+    store = make_store(unit_rows(rng.normal(size=(300, 16))))
+    queries = unit_rows(rng.normal(size=(20, 16)))
+    scores, ids = store.search(queries, 10)
+    exact = queries @ store.keys.T
+    expected = np.argsort(-exact, axis=1)[:, :10]
+    assert ids.dtype == np.int64 and scores.dtype == np.float32 and ids.shape == (20, 10)
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, expected, axis=1), atol=1e-5)
+
+
+def test_search_excludes_own_row():
+    rng = np.random.default_rng(2)
+    store = make_store(unit_rows(rng.normal(size=(50, 8))))
+    rows = np.array([0, 7, 49])
+    scores, ids = store.search(store.keys[rows], 5, exclude=rows)
+    assert ids.shape == (3, 5)
+    assert not (ids == rows[:, None]).any()
+    plain_scores, plain_ids = store.search(store.keys[rows], 6)
+    np.testing.assert_array_equal(plain_ids[:, 0], rows)  # a row is its own best match
+    np.testing.assert_array_equal(ids, plain_ids[:, 1:])
+    np.testing.assert_allclose(scores, plain_scores[:, 1:])
+    # -1 excludes nothing: the k best are returned
+    _, kept = store.search(store.keys[rows], 5, exclude=np.array([-1, -1, -1]))
+    np.testing.assert_array_equal(kept, plain_ids[:, :5])
+
+
+def test_search_pads_small_store():
+    rng = np.random.default_rng(3)
+    store = make_store(unit_rows(rng.normal(size=(4, 8))))
+    scores, ids = store.search(store.keys[:2], 6)
+    assert (ids[:, :4] >= 0).all() and (ids[:, 4:] == -1).all()
+    assert np.isneginf(scores[:, 4:]).all() and np.isfinite(scores[:, :4]).all()
+    scores, ids = store.search(store.keys[:2], 6, exclude=np.array([0, 1]))
+    assert (ids[:, :3] >= 0).all() and (ids[:, 3:] == -1).all()
+    assert np.isneginf(scores[:, 3:]).all()
+    assert 0 not in ids[0] and 1 not in ids[1]
+
+
+def test_hnsw_recall():
+    keys = clustered(5000, 32, 50, seed=4)
+    store = make_store(keys)
+    store.build_index("hnsw")
+    assert store.index_kind == "hnsw"
+    queries = unit_rows(keys[:200] + 0.1 * np.random.default_rng(4).normal(size=(200, 32)))
+    _, ids = store.search(queries, 10)
+    expected = np.argsort(-(queries @ keys.T), axis=1)[:, :10]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, expected)])
+    assert recall >= 0.9, recall
+
+
+def test_ivfpq_returns_valid_ids():
+    keys = clustered(2000, 32, 20, seed=5)
+    store = make_store(keys)
+    store.build_index("ivfpq", ivf_lists=1024, pq_subquantizers=16)
+    assert store.index_kind == "ivfpq" and store.index.nlist == 2000 // 39
+    scores, ids = store.search(keys[:10], 8, exclude=np.arange(10))
+    assert ((ids >= 0) & (ids < 2000)).all()
+    assert not (ids == np.arange(10)[:, None]).any()
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+
+
+def test_ivfpq_adapts_to_small_stores():
+    keys = clustered(10, 24, 2, seed=5)  # 24 is not a multiple of 16 sub-quantizers; 10 rows < 256 codes
+    store = make_store(keys)
+    store.build_index("ivfpq", pq_subquantizers=16)
+    assert store.index.pq.M == 12 and store.index.nlist == 1
+    _, ids = store.search(keys[:2], 12)
+    assert (np.sort(ids[:, :10], axis=1) == np.arange(10)).all() and (ids[:, 10:] == -1).all()
+
+
+def test_auto_index_kind():
+    keys = clustered(500, 16, 5, seed=6)
+    store = make_store(keys)
+    store.build_index("auto", exact_max_rows=1000)
+    assert store.index_kind == "flat"
+    store.build_index("auto", exact_max_rows=100)
+    assert store.index_kind == "hnsw"
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+def test_save_load_round_trip(tmp_path, kind):
+    keys = clustered(800, 16, 8, seed=7)
+    store = make_store(keys, teacher_dim=12)
+    store.build_index(kind)
+    store.save(tmp_path / "store")
+    loaded = KnowledgeStore.load(tmp_path / "store")
+    assert loaded.version == store.version and loaded.index_kind == kind
+    assert loaded.inputs == store.inputs
+    np.testing.assert_array_equal(loaded.labels, store.labels)
+    np.testing.assert_array_equal(loaded.soft_labels, store.soft_labels)
+    np.testing.assert_array_equal(loaded.teacher_states, store.teacher_states)
+    np.testing.assert_array_equal(loaded.example_ids, store.example_ids)
+    queries = keys[:30]
+    for exclude in (None, np.arange(30)):
+        a_scores, a_ids = store.search(queries, 5, exclude)
+        b_scores, b_ids = loaded.search(queries, 5, exclude)
+        np.testing.assert_array_equal(a_ids, b_ids)
+        np.testing.assert_array_equal(a_scores, b_scores)
+
+
+def test_version_and_with_keys():
+    keys = clustered(200, 16, 4, seed=8)
+    store = make_store(keys)
+    store.build_index("hnsw")
+    assert store.version == make_store(keys.copy()).version
+    new_keys = clustered(200, 16, 4, seed=9)
+    moved = store.with_keys(new_keys, "other")
+    assert moved.version != store.version
+    assert moved.index_kind == "hnsw" and moved.encoder_fingerprint == "other"
+    assert moved.inputs == store.inputs
+    _, ids = moved.search(new_keys[:5], 1)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(5))
+    relabelled = make_store(keys)
+    relabelled.labels[0] = (relabelled.labels[0] + 1) % 3
+    assert relabelled.version != store.version
+
+
+def test_subset():
+    keys = clustered(100, 16, 4, seed=10)
+    store = make_store(keys, teacher_dim=4)
+    chosen = np.array([5, 17, 42, 99])
+    small = store.subset(chosen)
+    assert len(small) == 4 and small.inputs == [store.inputs[i] for i in chosen]
+    np.testing.assert_array_equal(small.example_ids, chosen)
+    np.testing.assert_array_equal(small.soft_labels, store.soft_labels[chosen])
+    np.testing.assert_array_equal(small.teacher_states, store.teacher_states[chosen])
+    _, ids = small.search(keys[chosen], 1)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(4))  # ids are the subset's own row numbers
+
+
+# --------------------------------------------------------------------------------------- losses
+def test_kd_loss():
+    q = torch.tensor([[0.5, 0.5]])
+    p = torch.tensor([[0.25, 0.75]])
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert kd_loss(q, p).item() == pytest.approx(expected, rel=1e-6)
+    assert kd_loss(q, q).item() == pytest.approx(0.0, abs=1e-7)
+    # 0 log 0 = 0, and a zero in p is floored instead of giving inf
+    one_hot = torch.tensor([[1.0, 0.0]])
+    assert kd_loss(one_hot, torch.tensor([[0.5, 0.5]])).item() == pytest.approx(math.log(2), rel=1e-6)
+    assert math.isfinite(kd_loss(torch.tensor([[0.0, 1.0]]), one_hot).item())
+
+
+def test_ce_loss():
+    p = torch.tensor([[0.2, 0.8], [0.6, 0.4]])
+    expected = -(math.log(0.8) + math.log(0.6)) / 2
+    assert ce_loss(torch.tensor([1, 0]), p).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_rank_loss_zero_when_orders_match():
+    z = torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert rank_loss(z, z, 0.05, 0.05).item() == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    assert rank_loss(other, z, 0.05, 0.05).item() > 0
+    assert rank_loss(z, z, 0.05, 0.1).item() > 0
+
+
+def test_rank_loss_manual_three_items():
+    h = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]], requires_grad=True)
+    tau_t, tau_s = 0.5, 0.2
+
+    def cos(a, b):
+        return float(a @ b / (a.norm() * b.norm()))
+
+    total = 0.0
+    for i in range(3):
+        others = [j for j in range(3) if j != i]
+        t = torch.softmax(torch.tensor([cos(h[i], h[j]) / tau_t for j in others]), 0)
+        s = torch.softmax(torch.tensor([cos(z[i].detach(), z[j].detach()) / tau_s for j in others]), 0)
+        total += float((t * (t / s).log()).sum())
+    loss = rank_loss(h, z, tau_t, tau_s)
+    assert loss.item() == pytest.approx(total / 3, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------- retrieval student
+TEXTS = [
+    ("a wonderful, moving film", None),
+    ("dull and far too long", None),
+    ("the cast is superb", "the plot is thin"),
+    ("I loved every minute", None),
+    ("a waste of time", "nothing works"),
+    ("charming and funny", None),
+    ("painfully boring", None),
+    ("the best film of the year", "a must see"),
+    ("clumsy dialogue throughout", None),
+    ("a delight from start to finish", None),
+    ("forgettable", "and loud"),
+    ("sharp, witty writing", None),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from retrikt_ray.models import student_path
+
+    return AutoTokenizer.from_pretrained(student_path("all-minilm-l6-v2"))
+
+
+def tiny_student(tokenizer, seed=0, **kwargs):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return RetrievalStudent(BertModel(config), tokenizer, num_labels=3, k=4, max_length=32, **kwargs)
+
+
+def student_store(student, seed=0):
+    rng = np.random.default_rng(seed)
+    return KnowledgeStore(
+        inputs=TEXTS,
+        labels=rng.integers(0, 3, size=len(TEXTS)),
+        soft_labels=rng.dirichlet(np.ones(3), size=len(TEXTS)).astype(np.float32),
+        keys=student.embed_all(TEXTS, batch_size=5),
+        teacher_states=None,
+        encoder_fingerprint=encoder_fingerprint(student.encoder),
+    )
+
+
+def test_encode_unit_vectors_and_mixed_batches(tokenizer):
+    student = tiny_student(tokenizer)
+    with torch.no_grad():
+        z = student.encode(TEXTS)
+        one_by_one = torch.cat([student.encode([text]) for text in TEXTS])
+    assert z.shape == (len(TEXTS), 32)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(len(TEXTS)))
+    torch.testing.assert_close(z, one_by_one, atol=1e-5, rtol=1e-4)
+    embedded = student.embed_all(TEXTS, batch_size=5)
+    assert embedded.dtype == np.float32 and embedded.shape == (len(TEXTS), 32)
+    np.testing.assert_allclose(embedded, z.numpy(), atol=1e-5)
+
+
+def test_embed_all_restores_mode(tokenizer):
+    student = tiny_student(tokenizer)
+    student.train()
+    student.embed_all(TEXTS[:3])
+    assert student.training and student.encoder.training
+
+
+def test_prediction_mixture(tokenizer):
+    student = tiny_student(tokenizer)
+    store = student_store(student)
+    with torch.no_grad():
+        z = student.encode(TEXTS)
+        out = student(z, store, exclude=np.arange(len(TEXTS)))
+    torch.testing.assert_close(out["p"].sum(-1), torch.ones(len(TEXTS)))
+    torch.testing.assert_close(out["p"], 0.5 * out["p_ret"] + 0.5 * out["p_head"])
+    assert not (out["ids"] == torch.arange(len(TEXTS))[:, None]).any()
+    student.lam = 1.0
+    with torch.no_grad():
+        out = student(z, store)
+    torch.testing.assert_close(out["p"], out["p_ret"], atol=0, rtol=0)
+    student.lam = 0.0
+    with torch.no_grad():
+        out = student(z, store)
+    torch.testing.assert_close(out["p"], out["p_head"], atol=0, rtol=0)
+
+
+def test_retrieval_probs_manual(tokenizer):
+    student = tiny_student(tokenizer, tau=0.1)
+    store = student_store(student)
+    with torch.no_grad():
+        z = student.encode(TEXTS[:3])
+        p_ret, weights, ids = student.retrieval_probs(z, store)
+    for row in range(3):
+        neighbours = ids[row].numpy()
+        cosines = store.keys[neighbours] @ z[row].numpy()
+        expected_w = np.exp(cosines / 0.1) / np.exp(cosines / 0.1).sum()
+        np.testing.assert_allclose(weights[row].numpy(), expected_w, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(p_ret[row].numpy(), expected_w @ store.soft_labels[neighbours], rtol=1e-4, atol=1e-6)
+        exact = np.argsort(-(store.keys @ z[row].numpy()))[:4]
+        np.testing.assert_array_equal(neighbours, exact)
+
+
+def test_retrieval_probs_padding(tokenizer):
+    student = tiny_student(tokenizer)
+    store = student_store(student).subset([0, 1])
+    with torch.no_grad():
+        p_ret, weights, ids = student.retrieval_probs(student.encode(TEXTS[:2]), store)
+    assert (ids[:, 2:] == -1).all() and (weights[:, 2:] == 0).all()
+    torch.testing.assert_close(p_ret.sum(-1), torch.ones(2))
+
+
+def test_gradient_flows_through_retrieval(tokenizer):
+    student = tiny_student(tokenizer)
+    store = student_store(student)
+    z = student.encode(TEXTS[:4])
+    p_ret, _, _ = student.retrieval_probs(z, store, exclude=np.arange(4))
+    (-p_ret[:, 0].log().mean()).backward()
+    grads = [p.grad for p in student.encoder.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum() for g in grads) > 0
+    assert student.head.weight.grad is None
+
+
+def test_save_load_round_trip(tokenizer, tmp_path):
+    student = tiny_student(tokenizer, tau=0.2, lam=0.3)
+    store = student_store(student)
+    before = student.predict(TEXTS, store, batch_size=5)
+    student.save(tmp_path / "student")
+    loaded = RetrievalStudent.load(tmp_path / "student")
+    assert (loaded.k, loaded.tau, loaded.lam, loaded.max_length, loaded.num_labels) == (4, 0.2, 0.3, 32, 3)
+    assert encoder_fingerprint(loaded.encoder) == encoder_fingerprint(student.encoder)
+    after = loaded.predict(TEXTS, store, batch_size=5)
+    for name in ("p", "p_ret", "p_head"):
+        np.testing.assert_allclose(after[name], before[name], atol=1e-6)
+
+
+def test_kd_training_reduces_loss_and_changes_fingerprint(tokenizer):
+    student = tiny_student(tokenizer)
+    store = student_store(student)
+    fingerprint = encoder_fingerprint(student.encoder)
+    q = torch.from_numpy(store.soft_labels)
+    optimiser = torch.optim.Adam(student.parameters(), lr=1e-2)
+    exclude = np.arange(len(TEXTS))
+
+    def loss():
+        return kd_loss(q, student(student.encode(TEXTS), store, exclude=exclude)["p"])
+
+    first = loss()
+    for _ in range(10):
+        optimiser.zero_grad()
+        step_loss = loss()
+        step_loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        last = loss()
+    assert last.item() < first.item()
+    assert encoder_fingerprint(student.encoder) != fingerprint
