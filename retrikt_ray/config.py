@@ -47,6 +47,9 @@ class TaskSpec(Section):
     classification_template: str | None = Field(
         None, description="Teacher classification prompt with {field} slots; the verbaliser follows it"
     )
+    answer_prefix: str | None = Field(
+        None, description="Words that start the teacher's answer, right before the verbaliser (default 'Answer:')"
+    )
     student_template: str | None = Field(None, description="How the student sees an example, with {field} slots")
     question_field: str | None = Field(None, description="choice tasks: field that selects a connective (COPA)")
     connectives: dict[str, str] | None = Field(
@@ -68,6 +71,9 @@ class TeacherSpec(Section):
     model: str = Field("smollm2-135m-instruct", description="Packaged name, local folder or hub id of a causal LM")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Teacher weights' dtype")
     trust_remote_code: bool = Field(False, description="Allow the model repository's own code to run")
+    chat_template: bool = Field(
+        True, description="Ask classification questions through the teacher's chat template, when it has one"
+    )
     calibration: Literal["pool", "content_free"] = Field(
         "pool", description="Reference set for calibrating the verbaliser classifier"
     )
@@ -133,6 +139,12 @@ class GenerateSpec(Section):
     on_disagreement: Literal["keep", "drop"] = Field(
         "keep", description="A sample whose teacher label differs from its generated label: keep (soft label) or drop"
     )
+
+    @model_validator(mode="after")
+    def _word_bounds(self):
+        if self.min_words > self.max_words:
+            raise ValueError("min_words is larger than max_words")
+        return self
 
 
 class StoreSpec(Section):
@@ -216,12 +228,6 @@ class JobSpec(Section):
         if isinstance(path, str) and not Path(path).expanduser().is_file():
             raise ValueError(f"deepspeed: file not found: {path}")
         return section
-
-    @model_validator(mode="after")
-    def _generation_bounds(self):
-        if self.generate.min_words > self.generate.max_words:
-            raise ValueError("generate.min_words is larger than generate.max_words")
-        return self
 
     def section_hash(self, *paths: str) -> str:
         """Content hash of the named config parts (`task`, `student.model`, ...)."""

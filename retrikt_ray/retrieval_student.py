@@ -59,6 +59,15 @@ class RetrievalStudent(torch.nn.Module):
         self.lam = lam
         self.max_length = max_length
 
+    @classmethod
+    def from_spec(cls, student_spec, num_labels: int) -> "RetrievalStudent":
+        """An untrained student: the spec's encoder (pretrained weights) and a fresh head."""
+        from .models import load_encoder
+
+        encoder, tokenizer = load_encoder(student_spec.model, student_spec.trust_remote_code)
+        s = student_spec
+        return cls(encoder, tokenizer, num_labels, s.k, s.tau, s.lam, s.max_length)
+
     @property
     def device(self) -> torch.device:
         return next(self.encoder.parameters()).device

@@ -26,7 +26,7 @@ from .config import JobSpec, SpecError, TaskSpec
 
 DATA_DIR = Path(__file__).parent / "data"
 
-_ENTAILMENT_TEMPLATE = "{premise}\nQuestion: Does this imply that \"{hypothesis}\"? %s\nAnswer:"
+_ENTAILMENT_TEMPLATE = "{premise}\nQuestion: Does this imply that \"{hypothesis}\"? %s"
 
 BUILTIN_TASKS: dict[str, dict] = {
     "sst2": dict(
@@ -39,7 +39,8 @@ BUILTIN_TASKS: dict[str, dict] = {
         label_names=["negative", "positive"],
         verbalisers=["negative", "positive"],
         generation_template="{sentence}",
-        classification_template="Review: {sentence}\nSentiment (positive or negative):",
+        classification_template="Classify the sentiment of this movie review as positive or negative.\n\nReview: {sentence}",
+        answer_prefix="The sentiment of the review is",
     ),
     "rte": dict(
         kind="classification",
@@ -207,7 +208,8 @@ class Task:
             merged["generation_template"] = _default_generation_template(merged)
         if merged["kind"] == "classification" and "classification_template" not in merged:
             answers = " or ".join(merged["verbalisers"])
-            merged["classification_template"] = merged["generation_template"] + f"\nAnswer ({answers}):"
+            merged["classification_template"] = merged["generation_template"] + f"\nIs it {answers}?"
+        merged.setdefault("answer_prefix", "Answer:")
         return cls(TaskSpec(**merged))
 
     def _validate(self) -> None:
@@ -346,7 +348,8 @@ class Task:
 
     # --------------------------------------------------------------------------------- teacher
     def classification_prompt(self, example: Example) -> str:
-        """Classification tasks: the prompt whose next token is a label's verbaliser."""
+        """Classification tasks: the question to the teacher (its user turn); the teacher's answer
+        starts with `spec.answer_prefix`, then the verbaliser."""
         if self._classification_template is None:
             raise ValueError(f"task '{self.name}' is a choice task: use choice_contexts")
         return self._classification_template.render(example.fields)

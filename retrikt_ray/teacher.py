@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import JobSpec
 from .tasks import Example, Task
 
 
@@ -31,16 +32,39 @@ def calibrate(probs: np.ndarray, reference_mean: np.ndarray) -> np.ndarray:
 
 
 class Teacher:
-    def __init__(self, model, tokenizer, task: Task, soft_prompt: torch.Tensor | None = None):
+    def __init__(self, model, tokenizer, task: Task, soft_prompt: torch.Tensor | None = None, chat_template: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.task = task
         self.soft_prompt = soft_prompt
+        self.chat_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
         self.device = next(model.parameters()).device
         self.stop_ids = sorted(
             {tokenizer.eos_token_id, *tokenizer("\n", add_special_tokens=False).input_ids[-1:]}
         )
         self.verbaliser_ids = [tokenizer(" " + word, add_special_tokens=False).input_ids[0] for word in task.verbalisers]
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, task: Task, soft_prompt=None, device: str | torch.device | None = None) -> "Teacher":
+        """Load the spec's teacher (frozen) onto `device` (default: cuda when resources.use_gpu)."""
+        from .models import load_teacher
+
+        teacher = spec.teacher
+        model, tokenizer = load_teacher(teacher.model, spec.storage.cache_dir, teacher.dtype, teacher.trust_remote_code)
+        device = device or ("cuda" if spec.resources.use_gpu else "cpu")
+        model.to(device)
+        if soft_prompt is not None:
+            soft_prompt = torch.as_tensor(soft_prompt, device=device)
+        return cls(model, tokenizer, task, soft_prompt, teacher.chat_template)
+
+    def classification_text(self, example: Example) -> str:
+        """The question as the teacher's user turn (chat template) or plain text, then the answer prefix."""
+        question = self.task.classification_prompt(example)
+        prefix = self.task.spec.answer_prefix or ""
+        if self.chat_template:
+            turn = self.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+            return turn + prefix
+        return f"{question}\n{prefix}"
 
     # ---------------------------------------------------------------------------------- generation
     def prompt_ids(self, label: int) -> torch.Tensor:
@@ -91,19 +115,28 @@ class Teacher:
 
     # ------------------------------------------------------------------------------ classification
     @torch.no_grad()
-    def classify_raw(self, examples: list[Example], batch_size: int = 32) -> np.ndarray:
-        """Uncalibrated p_C(. | x) for each example: (n, num_labels); choice tasks: over alternatives."""
+    def classify_raw(self, examples: list[Example], batch_size: int = 32, layer: int | None = None):
+        """Uncalibrated p_C(. | x): (n, num_labels); choice tasks: over alternatives.
+
+        With `layer`, also h_T: that layer's states mean-pooled over the classification prompt, from
+        the same forward pass (classification tasks), so annotation costs one pass per sample.
+        """
         if self.task.kind == "choice":
-            return self._choice_probs(examples, batch_size)
-        prompts = [self.task.classification_prompt(example) for example in examples]
-        out = []
+            probs = self._choice_probs(examples, batch_size)
+            if layer is None:
+                return probs
+            return probs, self.hidden_states([self.task.generation_text(e).strip() for e in examples], layer, batch_size)
+        prompts = [self.classification_text(example) for example in examples]
+        probs, states = [np.zeros((0, self.task.num_labels), np.float32)], [np.zeros((0, self.model.config.hidden_size), np.float32)]
         for start in range(0, len(prompts), batch_size):
             batch = self._tokenize(prompts[start : start + batch_size])
-            logits = self.model(**batch).logits
-            last = batch["attention_mask"].sum(dim=1) - 1
-            final = torch.log_softmax(logits[torch.arange(len(last)), last].float(), dim=-1)
-            out.append(torch.softmax(final[:, self.verbaliser_ids], dim=-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.task.num_labels), np.float32)
+            output = self.model(**batch, logits_to_keep=1, output_hidden_states=layer is not None)
+            final = torch.log_softmax(output.logits[:, -1].float(), dim=-1)
+            probs.append(torch.softmax(final[:, self.verbaliser_ids], dim=-1).cpu().numpy())
+            if layer is not None:
+                states.append(_mean_pool(output.hidden_states[layer], batch["attention_mask"]))
+        probs = np.concatenate(probs)
+        return probs if layer is None else (probs, np.concatenate(states))
 
     def _choice_probs(self, examples: list[Example], batch_size: int) -> np.ndarray:
         """Mean token log-likelihood of each alternative after its context, softmax over alternatives."""
@@ -143,18 +176,23 @@ class Teacher:
     @torch.no_grad()
     def hidden_states(self, texts: list[str], layer: int = -1, batch_size: int = 32) -> np.ndarray:
         """h_T(x): the layer's hidden states mean-pooled over the text's tokens, (n, hidden)."""
-        out = []
+        out = [np.zeros((0, self.model.config.hidden_size), np.float32)]
         for start in range(0, len(texts), batch_size):
             batch = self._tokenize(texts[start : start + batch_size])
-            states = self.model(**batch, output_hidden_states=True).hidden_states[layer].float()
-            weights = batch["attention_mask"].unsqueeze(-1).float()
-            out.append(((states * weights).sum(1) / weights.sum(1).clamp(min=1)).cpu().numpy())
-        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.model.config.hidden_size), np.float32)
+            out.append(_mean_pool(self.model(**batch, logits_to_keep=1, output_hidden_states=True).hidden_states[layer], batch["attention_mask"]))
+        return np.concatenate(out)
 
     def _tokenize(self, texts: list[str]) -> dict:
-        self.tokenizer.padding_side = "right"
+        """Left-padded batch (so the last position is every row's last token) with matching positions."""
+        self.tokenizer.padding_side = "left"
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=512)
+        batch["position_ids"] = (batch["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
         return {key: value.to(self.device) for key, value in batch.items()}
+
+
+def _mean_pool(states: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    return ((states * weights).sum(1) / weights.sum(1).clamp(min=1)).float().cpu().numpy()
 
 
 def _mask_after_stop(token_ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:

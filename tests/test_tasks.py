@@ -82,7 +82,7 @@ def test_user_fields_override_builtin():
     t = task("sst2", verbalisers=["bad", "good"], description="Short film reviews")
     assert t.verbalisers == ["bad", "good"]
     assert t.spec.label_names == ["negative", "positive"]  # the rest stays built-in
-    assert t.generation_prompt(0) == "Task: Short film reviews. Label: negative. Text:"
+    assert t.generation_prompt(0) == "Task: Short film reviews. Label: bad. Text:"  # METHOD.md: Label: <v(y)>
 
 
 def test_prompts():
@@ -90,12 +90,15 @@ def test_prompts():
     example = Example({"sentence": "a fine film ."}, 1)
     assert sst2.generation_prompt(1) == "Task: Movie review sentences and their sentiment. Label: positive. Text:"
     assert sst2.generation_text(example) == " a fine film ."
-    assert sst2.classification_prompt(example) == "Review: a fine film .\nSentiment (positive or negative):"
+    assert sst2.classification_prompt(example) == (
+        "Classify the sentiment of this movie review as positive or negative.\n\nReview: a fine film ."
+    )
+    assert sst2.spec.answer_prefix == "The sentiment of the review is"
     rte = task("rte")
     pair = Example({"premise": "A dog runs.", "hypothesis": "An animal moves."}, 0)
     assert rte.generation_text(pair) == " Premise: A dog runs. Hypothesis: An animal moves."
     assert rte.classification_prompt(pair) == (
-        'A dog runs.\nQuestion: Does this imply that "An animal moves."? Yes or no?\nAnswer:'
+        'A dog runs.\nQuestion: Does this imply that "An animal moves."? Yes or no?'
     )
     assert rte.student_inputs(pair) == [("A dog runs.", "An animal moves.")]
     assert rte.row_targets(pair) == [0]
@@ -234,14 +237,14 @@ def test_custom_task_from_spec_fields(tmp_path, fmt):
     assert t.kind == "classification"
     assert t.label_names == ["num", "other"] and t.verbalisers == ["num", "other"]
     assert t.spec.generation_template == "Question: {question} Context: {context}"
-    assert t.spec.classification_template == "Question: {question} Context: {context}\nAnswer (num or other):"
+    assert t.spec.classification_template == "Question: {question} Context: {context}\nIs it num or other?"
     examples = t.load(path)
     assert [e.label for e in examples] == [0, 1, 0]
     assert examples[1].fields == {"question": "Who wrote it?", "context": "Tolstoy wrote it."}
     assert examples[2].source == f"{path}:{3 if fmt == 'jsonl' else 4}"
     assert t.student_inputs(examples[0]) == [("How many legs?", "A spider has eight legs.")]
     assert t.classification_prompt(examples[0]) == (
-        "Question: How many legs? Context: A spider has eight legs.\nAnswer (num or other):"
+        "Question: How many legs? Context: A spider has eight legs.\nIs it num or other?"
     )
     for example in examples:
         assert t.parse_generation(t.generation_text(example), example.label) == Example(example.fields, example.label)
@@ -264,7 +267,7 @@ def test_custom_task_single_field_gzip_and_names(tmp_path):
     )
     assert t.verbalisers == ["ham", "spam"]
     assert t.spec.generation_template == "{body}"
-    assert t.spec.classification_template == "{body}\nAnswer (ham or spam):"
+    assert t.spec.classification_template == "{body}\nIs it ham or spam?"
     examples = t.load(path)
     assert [e.label for e in examples] == [1, 0]
     assert t.generation_prompt(1) == "Task: Short messages. Label: spam. Text:"

@@ -48,7 +48,6 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
     import torch
 
     from ..knowledge_store import KnowledgeStore
-    from ..models import load_teacher
     from ..retrieval_student import RetrievalStudent, predict_examples
     from ..teacher import Teacher, calibrate
 
@@ -74,8 +73,7 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
     frame = pd.DataFrame({"gold": gold, "predicted": predictions["p"].argmax(axis=1), "p": list(predictions["p"]), "p_head": list(predictions["p_head"])})
 
     if settings.teacher_zero_shot:
-        model, tokenizer = load_teacher(spec.teacher.model, spec.storage.cache_dir, spec.teacher.dtype, spec.teacher.trust_remote_code)
-        teacher = Teacher(model, tokenizer, task)
+        teacher = Teacher.from_spec(spec, task)
         raw = teacher.classify_raw(dev, spec.teacher.classify_batch_size)
         # The reference set is the unlabelled dev inputs themselves (or content-free inputs).
         reference = teacher.content_free_reference() if spec.teacher.calibration == "content_free" else raw.mean(axis=0)
@@ -84,7 +82,7 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
             "accuracy_teacher_zero_shot": accuracy(gold, calibrated),
             "accuracy_teacher_uncalibrated": accuracy(gold, raw),
             "macro_f1_teacher_zero_shot": macro_f1(gold, calibrated, task.num_labels),
-            "params_teacher": sum(p.numel() for p in model.parameters()),
+            "params_teacher": sum(p.numel() for p in teacher.model.parameters()),
             "ms_per_example_teacher": ms_per_example(lambda e: teacher.classify_raw([e]), dev, settings.latency_examples),
         }
         frame["p_teacher"] = list(calibrated)

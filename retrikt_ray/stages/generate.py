@@ -46,16 +46,12 @@ class Generator:
     def __init__(self, spec_json: dict, soft_prompt: list, threads: int | None):
         import torch
 
-        from ..models import load_teacher
         from ..teacher import Teacher
 
         self.spec = JobSpec.model_validate(spec_json)
         if threads:
             torch.set_num_threads(threads)
-        device = "cuda" if self.spec.resources.use_gpu else "cpu"
-        model, tokenizer = load_teacher(self.spec.teacher.model, self.spec.storage.cache_dir, self.spec.teacher.dtype, self.spec.teacher.trust_remote_code)
-        model.to(device)
-        self.teacher = Teacher(model, tokenizer, Task.from_spec(self.spec.task), torch.tensor(soft_prompt, device=device))
+        self.teacher = Teacher.from_spec(self.spec, Task.from_spec(self.spec.task), soft_prompt)
 
     def __call__(self, batch: dict) -> dict:
         settings = self.spec.generate
@@ -77,23 +73,19 @@ class Annotator:
     def __init__(self, spec_json: dict, threads: int | None):
         import torch
 
-        from ..models import load_teacher
         from ..teacher import Teacher
 
         self.spec = JobSpec.model_validate(spec_json)
         if threads:
             torch.set_num_threads(threads)
-        model, tokenizer = load_teacher(self.spec.teacher.model, self.spec.storage.cache_dir, self.spec.teacher.dtype, self.spec.teacher.trust_remote_code)
-        model.to("cuda" if self.spec.resources.use_gpu else "cpu")
         self.task = Task.from_spec(self.spec.task)
-        self.teacher = Teacher(model, tokenizer, self.task)
+        self.teacher = Teacher.from_spec(self.spec, self.task)
 
     def __call__(self, batch: dict) -> dict:
         from ..tasks import Example
 
         examples = [Example(fields=json.loads(fields), label=int(label)) for fields, label in zip(batch["fields"], batch["label"])]
-        probs = self.teacher.classify_raw(examples, self.spec.teacher.classify_batch_size)
-        states = self.teacher.hidden_states([self.task.generation_text(e).strip() for e in examples], self.spec.teacher.hidden_layer)
+        probs, states = self.teacher.classify_raw(examples, self.spec.teacher.classify_batch_size, layer=self.spec.teacher.hidden_layer)
         return {**batch, "raw_probs": list(probs), "teacher_state": list(states)}
 
 
@@ -138,8 +130,7 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
 
     kept, dropped = filter_samples(spec, task, generated)
     annotated = annotate(spec, task, kept, spec_json)
-    teacher_labels = np.stack(annotated["soft_label"].to_numpy()).argmax(axis=1)
-    annotated["teacher_agrees"] = teacher_labels == annotated["label"].to_numpy()
+    annotated["teacher_agrees"] = [int(np.argmax(soft)) == label for soft, label in zip(annotated["soft_label"], annotated["label"])]
     disagreeing = int((~annotated["teacher_agrees"]).sum())
     if spec.generate.on_disagreement == "drop":
         annotated = annotated[annotated["teacher_agrees"]].reset_index(drop=True)
@@ -196,14 +187,12 @@ def near_duplicate_mask(spec: JobSpec, frame) -> np.ndarray:
     """False for a sample whose student embedding is within the threshold of an earlier kept one of its label."""
     import faiss
 
-    from ..models import load_encoder
     from ..retrieval_student import RetrievalStudent
 
     keep = np.ones(len(frame), dtype=bool)
     if len(frame) == 0:
         return keep
-    encoder, tokenizer = load_encoder(spec.student.model, spec.student.trust_remote_code)
-    student = RetrievalStudent(encoder, tokenizer, 2, max_length=spec.student.max_length)
+    student = RetrievalStudent.from_spec(spec.student, 2)
     embeddings = student.embed_all([(text, None) for text in frame["text"]], progress=True)
     for label in np.unique(frame["label"]):
         index = faiss.IndexFlatIP(embeddings.shape[1])
@@ -240,17 +229,14 @@ def annotate(spec: JobSpec, task: Task, frame, spec_json: dict):
             bar.update(len(batch))
     annotated = pd.concat(parts, ignore_index=True)
     raw = np.stack(annotated["raw_probs"].to_numpy())
-    reference = content_free_reference(spec, task) if spec.teacher.calibration == "content_free" else raw.mean(axis=0)
+    if spec.teacher.calibration == "content_free":
+        from ..teacher import Teacher
+
+        reference = Teacher.from_spec(spec, task).content_free_reference()
+    else:
+        reference = raw.mean(axis=0)
     annotated["soft_label"] = list(calibrate(raw, reference))
     return annotated.drop(columns=["raw_probs"])
-
-
-def content_free_reference(spec: JobSpec, task: Task) -> np.ndarray:
-    from ..models import load_teacher
-    from ..teacher import Teacher
-
-    model, tokenizer = load_teacher(spec.teacher.model, spec.storage.cache_dir, spec.teacher.dtype, spec.teacher.trust_remote_code)
-    return Teacher(model, tokenizer, task).content_free_reference()
 
 
 def read_samples(stage_dir: Path):

@@ -152,7 +152,6 @@ def train_loop(config: dict) -> None:
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from ..models import load_encoder, load_teacher
     from ..retrieval_student import RetrievalStudent
     from ..rl import approx_kl, gae, policy_loss, token_rewards, value_loss, whiten
     from ..teacher import Teacher
@@ -164,11 +163,8 @@ def train_loop(config: dict) -> None:
     rank, world, device = worker_context()
     torch.manual_seed(spec.data.seed + rank)
     task, few_shot = load_few_shot(spec)
-    model, tokenizer = load_teacher(spec.teacher.model, spec.storage.cache_dir, spec.teacher.dtype, spec.teacher.trust_remote_code)
-    model.to(device)
-    teacher = Teacher(model, tokenizer, task)
-    encoder_model, encoder_tokenizer = load_encoder(spec.student.model, spec.student.trust_remote_code)
-    encoder = RetrievalStudent(encoder_model, encoder_tokenizer, task.student_num_labels, max_length=spec.student.max_length)
+    teacher = Teacher.from_spec(spec, task, device=device)
+    encoder = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
     reference_mean = (
         teacher.content_free_reference()
         if spec.teacher.calibration == "content_free"

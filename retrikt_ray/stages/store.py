@@ -48,7 +48,6 @@ def store_rows(task: Task, samples) -> dict:
 
 def run(spec: JobSpec, stage: StageRun) -> StageResult:
     from ..knowledge_store import KnowledgeStore
-    from ..models import load_encoder
     from ..retrieval_student import RetrievalStudent, encoder_fingerprint
 
     task = Task.from_spec(spec.task)
@@ -57,10 +56,9 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         from ..config import SpecError
 
         raise SpecError("generate: no sample survived filtering, the store would be empty (see the generate manifest's counts)")
-    encoder, tokenizer = load_encoder(spec.student.model, spec.student.trust_remote_code)
-    student = RetrievalStudent(encoder, tokenizer, task.student_num_labels, max_length=spec.student.max_length)
+    student = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
     keys = student.embed_all(rows["inputs"], batch_size=spec.store.encode_batch_size, progress=True)
-    store = KnowledgeStore(keys=keys, encoder_fingerprint=encoder_fingerprint(encoder), **rows)
+    store = KnowledgeStore(keys=keys, encoder_fingerprint=encoder_fingerprint(student.encoder), **rows)
     settings = spec.store
     store.build_index(settings.index, settings.exact_max_rows, settings.hnsw_m, settings.ivf_lists, settings.pq_subquantizers)
     store.save(stage.dir)

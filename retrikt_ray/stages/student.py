@@ -57,7 +57,6 @@ def train_loop(config: dict) -> None:
     from tqdm import tqdm
 
     from ..knowledge_store import KnowledgeStore
-    from ..models import load_encoder
     from ..retrieval_student import RetrievalStudent, ce_loss, encoder_fingerprint, kd_loss, rank_loss
     from ..training import Optimiser, report_outputs, set_threads, shard, worker_context
 
@@ -68,8 +67,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(settings.seed)
     task, few_shot = load_few_shot(spec)
     store = KnowledgeStore.load(config["store_dir"])
-    encoder, tokenizer = load_encoder(settings.model, settings.trust_remote_code)
-    student = RetrievalStudent(encoder, tokenizer, task.student_num_labels, settings.k, settings.tau, settings.lam, settings.max_length).to(device)
+    student = RetrievalStudent.from_spec(settings, task.student_num_labels).to(device)
     gold_inputs = [row for example in few_shot for row in task.student_inputs(example)]
     gold_targets = [target for example in few_shot for target in task.row_targets(example)]
     head = list(student.head.parameters())

@@ -1,0 +1,59 @@
+"""Shared fixtures: one local Ray per test session, and tiny models (2 layers) built from configs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """A 2-layer Llama teacher (SmolLM2's tokenizer) and a 2-layer BERT student (MiniLM's tokenizer)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    from retrikt_ray.models import student_path, teacher_path
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    torch.manual_seed(0)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_path("smollm2-135m-instruct", Path("~/.cache/retrikt")))
+    teacher = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(teacher_tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            eos_token_id=teacher_tokenizer.eos_token_id,
+        )
+    )
+    teacher.save_pretrained(root / "teacher")
+    teacher_tokenizer.save_pretrained(root / "teacher")
+    student_tokenizer = AutoTokenizer.from_pretrained(student_path("all-minilm-l6-v2"))
+    student = BertModel(
+        BertConfig(
+            vocab_size=len(student_tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+    )
+    student.save_pretrained(root / "student")
+    student_tokenizer.save_pretrained(root / "student")
+    return {"teacher": str(root / "teacher"), "student": str(root / "student")}

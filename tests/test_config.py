@@ -1,0 +1,137 @@
+"""Job spec validation, overrides and the one-line errors users see."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from retrikt_ray.config import JobSpec, SpecError, load_spec
+from retrikt_ray.pipeline import plan
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text, name="job.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_method():
+    spec = JobSpec()
+    assert spec.data.shots == 16
+    assert spec.prompt.num_virtual_tokens == 20
+    assert (spec.ppo.alpha, spec.ppo.beta, spec.ppo.gamma, spec.ppo.kl_coef) == (1.0, 0.5, 1.0, 0.05)
+    assert (spec.ppo.gae_lambda, spec.ppo.discount, spec.ppo.clip_eps, spec.ppo.top_p) == (0.95, 1.0, 0.2, 0.95)
+    assert (spec.student.k, spec.student.tau, spec.student.lam, spec.student.a, spec.student.b) == (16, 0.05, 0.5, 1.0, 1.0)
+    assert (spec.student.tau_teacher, spec.student.tau_student) == (0.05, 0.05)
+    assert spec.generate.near_duplicate_cosine == 0.95
+    assert spec.store.exact_max_rows == 200_000
+
+
+def test_demo_job_is_valid():
+    spec = load_spec(REPO / "jobs" / "demo.yaml")
+    assert spec.name == "demo" and spec.task.name == "sst2" and spec.data.shots == 16
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("student:\n  lr: -1\n", "student.lr: Input should be greater than 0"),
+        ("student:\n  learning_rate: 0.1\n", "student.learning_rate: unknown field"),
+        ("ppo:\n  updates: many\n", "ppo.updates: Input should be a valid integer"),
+        ("generate:\n  min_words: 9\n  max_words: 3\n", "generate: min_words is larger than max_words"),
+        ("prompt:\n  deepspeed: /nowhere/ds.json\n", "prompt: deepspeed: file not found: /nowhere/ds.json"),
+        ("name: 'bad name'\n", "name: String should match pattern"),
+    ],
+)
+def test_errors_name_the_field(tmp_path, text, message):
+    with pytest.raises(SpecError) as error:
+        load_spec(write(tmp_path, text))
+    assert str(error.value).startswith(message)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = write(tmp_path, "name: demo\nstudent:\n  lr: [1,\n")
+    with pytest.raises(SpecError, match=rf"{path}:\d+: not valid YAML"):
+        load_spec(path)
+
+
+def test_overrides_reach_any_field(tmp_path):
+    spec = load_spec(write(tmp_path, "name: x\n"), ["student.lr=0.001", "ppo.enabled=false", "task.name=rte"])
+    assert spec.student.lr == 0.001 and spec.ppo.enabled is False and spec.task.name == "rte"
+    with pytest.raises(SpecError, match="--set student: expected section.field=value"):
+        load_spec(write(tmp_path, "name: x\n"), ["student"])
+    with pytest.raises(SpecError, match="student.nope: unknown field"):
+        load_spec(write(tmp_path, "name: x\n"), ["student.nope=1"])
+
+
+def test_relative_data_paths_resolve_against_the_spec(tmp_path):
+    (tmp_path / "d").mkdir()
+    spec = load_spec(write(tmp_path / "d", "data:\n  train_file: train.jsonl\n"))
+    assert spec.data.train_file == str(tmp_path / "d" / "train.jsonl")
+
+
+def test_stage_hashes_change_only_downstream_of_the_change(tmp_path):
+    base = JobSpec(name="h")
+    changed = base.model_copy(deep=True)
+    changed.student.lr = 1e-4
+    before = {stage.name: stage.stage_hash for stage in plan(base, tmp_path)}
+    after = {stage.name: stage.stage_hash for stage in plan(changed, tmp_path)}
+    assert [name for name in before if before[name] != after[name]] == ["student", "evaluate"]
+    regenerated = base.model_copy(deep=True)
+    regenerated.generate.samples_per_label = 7
+    after = {stage.name: stage.stage_hash for stage in plan(regenerated, tmp_path)}
+    assert [name for name in before if before[name] != after[name]] == ["generate", "store", "student", "evaluate"]
+    # Resources change speed, not results: no stage reruns.
+    moved = base.model_copy(deep=True)
+    moved.resources.num_workers = 4
+    assert {stage.name: stage.stage_hash for stage in plan(moved, tmp_path)} == before
+
+
+def cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "retrikt_ray.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_validate_reports_one_line_and_exit_2(tmp_path):
+    ok = cli("validate", "jobs/demo.yaml")
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: demo: task sst2")
+
+    bad = cli("validate", str(write(tmp_path, "student:\n  lr: 0\n")))
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: student.lr: Input should be greater than 0"
+    assert "Traceback" not in bad.stderr
+
+    missing = cli("validate", str(tmp_path / "absent.yaml"))
+    assert missing.returncode == 2 and missing.stderr.strip().endswith("absent.yaml: job spec not found")
+
+    model = cli("validate", "jobs/demo.yaml", "--set", "student.model=no-such-encoder")
+    assert model.returncode == 2 and model.stderr.startswith("error: student.model: unknown model 'no-such-encoder'")
+
+
+def test_cli_validate_names_the_bad_data_line(tmp_path):
+    data = tmp_path / "reviews.jsonl"
+    rows = [f'{{"text": "review {i}", "stars": "{"good" if i % 2 else "bad"}"}}' for i in range(6)]
+    rows[4] = '{"text": "a review with a typo", "stars": "goood"}'
+    data.write_text("\n".join(rows) + "\n")
+    job = write(
+        tmp_path,
+        f"""
+task:
+  name: reviews
+  format: jsonl
+  text_fields: [text]
+  label_field: stars
+  label_values: [bad, good]
+  description: Short product reviews
+data:
+  train_file: {data}
+  dev_file: {data}
+  shots: 1
+""",
+    )
+    result = cli("validate", str(job))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {data}:5: ")
+    assert len(result.stderr.strip().splitlines()) == 1
