@@ -76,13 +76,11 @@ def ray_session(spec: JobSpec):
     if ray.is_initialized():
         yield
         return
-    ray.init(
-        address=spec.resources.address,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        configure_logging=True,
-        log_to_driver=True,
-    )
+    if spec.resources.address:
+        ray.init(address=spec.resources.address, logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        # The dashboard (loopback only) serves the State API that Ray Train's placement-group cleaner polls.
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING, log_to_driver=True)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -90,8 +90,13 @@ class Annotator:
 
 
 def _pool_options(spec: JobSpec) -> dict:
+    from ray.data import ActorPoolStrategy
+
     resources = spec.resources
-    options = {"concurrency": (1, resources.generation_replicas), "num_cpus": resources.cpus_per_replica}
+    options = {
+        "compute": ActorPoolStrategy(min_size=1, max_size=resources.generation_replicas),
+        "num_cpus": resources.cpus_per_replica,
+    }
     if resources.use_gpu:
         options["num_gpus"] = 1
     return options
