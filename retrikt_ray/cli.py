@@ -17,6 +17,7 @@ DEFAULT_JOB = Path("jobs/demo.yaml")
 
 JobArg = Annotated[Optional[Path], typer.Argument(help="Job spec YAML (default: jobs/demo.yaml)")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="Override a field: section.field=value (repeatable)")]
+RunDirArg = Annotated[Path, typer.Argument(help="A finished run directory (runs/<job>-<hash>)")]
 
 
 def user_errors(command):
@@ -76,6 +77,49 @@ def show(run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<jo
     if not (run_dir / "job.yaml").is_file():
         raise SpecError(f"{run_dir}: not a run directory (no job.yaml)")
     _print_table(run_dir)
+
+
+@app.command()
+@user_errors
+def serve(
+    run_dir: RunDirArg,
+    host: Annotated[Optional[str], typer.Option(help="Interface to listen on (default: the spec's serve.host)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="HTTP port (default: the spec's serve.port)")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: resources.address, else a local Ray)")] = None,
+    config_out: Annotated[Optional[Path], typer.Option(help="Write a Serve config file (serve deploy, RayService) and exit")] = None,
+    reload_store: Annotated[bool, typer.Option("--reload-store", help="Make the running server load its store again, and exit")] = False,
+) -> None:
+    """Serve a run's student + store over HTTP on Ray Serve until Ctrl-C (API: README, /openapi.json)."""
+    import yaml
+
+    from . import serve as serving
+
+    settings = serving.load_run_spec(run_dir).serve
+    host, port = host or settings.host, port or settings.port
+    if config_out is not None:
+        config_out.write_text(yaml.safe_dump(serving.serve_config(run_dir, host, port), sort_keys=False))
+        typer.echo(f"wrote {config_out} (serve deploy {config_out})")
+    elif reload_store:
+        reloaded = serving.request_store_reload(run_dir, host, port)
+        typer.echo(f"{reloaded['run']}: store {reloaded['previous_version']} -> {reloaded['store_version']} ({reloaded['rows']} rows)")
+    else:
+        serving.serve_until_interrupted(run_dir, host, port, address, log=typer.echo)
+
+
+@app.command()
+@user_errors
+def predict(
+    run_dir: RunDirArg,
+    inputs: Annotated[list[str], typer.Argument(help="Texts; for a task with several fields, JSON objects of them")],
+    neighbors: Annotated[bool, typer.Option(help="Also print the store rows each input retrieved")] = False,
+) -> None:
+    """Classify inputs locally with a run's student + store (no server); one JSON line per input."""
+    import json
+
+    from .serve import predict_texts
+
+    for text, result in zip(inputs, predict_texts(run_dir, inputs, neighbors)):
+        typer.echo(json.dumps({"input": text, **result}))
 
 
 def _print_table(run_dir: Path) -> None:

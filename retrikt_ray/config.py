@@ -68,6 +68,8 @@ class DataSpec(Section):
 
 
 class TeacherSpec(Section):
+    """The teacher LM and its verbaliser classifier p_C."""
+
     model: str = Field("smollm2-135m-instruct", description="Packaged name, local folder or hub id of a causal LM")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Teacher weights' dtype")
     trust_remote_code: bool = Field(False, description="Allow the model repository's own code to run")
@@ -77,8 +79,18 @@ class TeacherSpec(Section):
     calibration: Literal["pool", "content_free"] = Field(
         "pool", description="Reference set for calibrating the verbaliser classifier"
     )
+    soft_label_temperature: float = Field(
+        1.0,
+        gt=0,
+        description="Temperature on the calibrated p_C that gives the soft labels q_T (1: q_T = p_C as in METHOD.md; "
+        "below 1 sharpens the flat two-word distributions of small teachers)",
+    )
     hidden_layer: int = Field(-1, description="Teacher layer whose mean-pooled state is h_T (for L_rank)")
     classify_batch_size: int = Field(32, ge=1, description="Texts per teacher forward when classifying")
+
+
+# The teacher fields that define its classifier p_C (what PPO's reward and evaluation depend on).
+TEACHER_CLASSIFIER = ("teacher.model", "teacher.dtype", "teacher.trust_remote_code", "teacher.chat_template", "teacher.calibration")
 
 
 # --------------------------------------------------------------------------------------- stages
@@ -205,6 +217,41 @@ class StorageSpec(Section):
     cache_dir: str = Field("~/.cache/retrikt", description="Converted models and other reusable downloads")
 
 
+class ServeSpec(Section):
+    """`retrikt serve`: the HTTP endpoint of student + store on Ray Serve. Not part of any content hash."""
+
+    host: str = Field("127.0.0.1", description="Interface the HTTP proxy listens on; a non-loopback host needs a token")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    max_inputs_per_request: int = Field(64, ge=1, description="A request with more inputs gets 413")
+    max_chars_per_input: int = Field(
+        2000, ge=1, description="An input with more characters (all its fields together) gets 413"
+    )
+    batch_max_size: int = Field(16, ge=1, description="Most requests one replica predicts together (@serve.batch)")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="Longest wait for a batch to fill, seconds")
+    max_ongoing_requests: int = Field(
+        32, ge=1, description="Requests a replica takes at once (running or waiting for a batch); >= batch_max_size"
+    )
+    min_replicas: int = Field(1, ge=0, description="Fewest student+store replicas (autoscaling)")
+    max_replicas: int = Field(2, ge=1, description="Most student+store replicas (autoscaling)")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Autoscaling adds or removes replicas to keep this many requests ongoing per replica"
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per student+store replica")
+    ingress_num_cpus: float = Field(0.0, ge=0, description="CPUs of the HTTP ingress replica (it parses and forwards)")
+    token_file: str | None = Field(None, description="File holding the bearer token; wins over token_env")
+    token_env: str | None = Field(
+        "RETRIKT_SERVE_TOKEN", description="Environment variable holding the bearer token (when token_file is unset)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas is larger than max_replicas")
+        if self.max_ongoing_requests < self.batch_max_size:
+            raise ValueError("max_ongoing_requests is smaller than batch_max_size (batches could never fill)")
+        return self
+
+
 class JobSpec(Section):
     """A whole RetriKT job."""
 
@@ -220,6 +267,7 @@ class JobSpec(Section):
     evaluate: EvaluateSpec = EvaluateSpec()
     resources: ResourcesSpec = ResourcesSpec()
     storage: StorageSpec = StorageSpec()
+    serve: ServeSpec = ServeSpec()
 
     @field_validator("prompt", "ppo", "student")
     @classmethod
@@ -241,8 +289,8 @@ class JobSpec(Section):
         return value
 
     def spec_hash(self) -> str:
-        """Hash of everything that changes results (resources and storage excluded)."""
-        dumped = self.model_dump(mode="json", exclude={"resources", "storage", "name"})
+        """Hash of everything that changes results (resources, storage and serve excluded)."""
+        dumped = self.model_dump(mode="json", exclude={"resources", "storage", "serve", "name"})
         return content_hash(dumped)
 
 

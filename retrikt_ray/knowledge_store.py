@@ -214,6 +214,11 @@ class KnowledgeStore:
         }
         (folder / "store.json").write_text(json.dumps(meta, indent=2) + "\n")
 
+    @staticmethod
+    def saved_version(folder) -> str:
+        """The version a saved store records in store.json, read without loading the store."""
+        return json.loads((Path(folder) / "store.json").read_text())["version"]
+
     @classmethod
     def load(cls, folder) -> KnowledgeStore:
         """Read a saved store, its index included (not rebuilt); checks it against store.json."""

@@ -246,3 +246,22 @@ def predict_examples(task, student: RetrievalStudent, store: KnowledgeStore, exa
         right = probs[:, 1].reshape(len(examples), -1)
         out[name] = (right / np.clip(right.sum(axis=1, keepdims=True), 1e-12, None)).astype(np.float32)
     return out
+
+
+def predict_neighbors(task, student: RetrievalStudent, store: KnowledgeStore, examples, batch_size: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per example, the store rows that each of its student rows retrieved: (ids, weights), each (rows, k).
+
+    One student row for a classification task, one per alternative for a choice task. Id -1 (weight 0)
+    pads a store smaller than k. Serving returns these as an example's neighbours.
+    """
+    rows = [task.student_inputs(example) for example in examples]
+    flat = [row for example_rows in rows for row in example_rows]
+    ids, weights = [np.zeros((0, student.k), dtype=np.int64)], [np.zeros((0, student.k), dtype=np.float32)]
+    with _eval_mode(student), torch.no_grad():
+        for start in range(0, len(flat), batch_size):
+            _, batch_weights, batch_ids = student.retrieval_probs(student.encode(flat[start : start + batch_size]), store)
+            ids.append(batch_ids.cpu().numpy())
+            weights.append(batch_weights.float().cpu().numpy())
+    ids, weights = np.concatenate(ids), np.concatenate(weights)
+    bounds = np.cumsum([0] + [len(example_rows) for example_rows in rows])
+    return [(ids[start:end], weights[start:end]) for start, end in zip(bounds[:-1], bounds[1:])]

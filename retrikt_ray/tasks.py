@@ -251,6 +251,11 @@ class Task:
         if spec.label_field in self._input_fields:
             raise SpecError(f"task.label_field: '{spec.label_field}' is also an input field")
 
+    @property
+    def input_fields(self) -> list[str]:
+        """Every field an example carries: the text fields, the question field, then the alternatives."""
+        return list(self._input_fields)
+
     # ---------------------------------------------------------------------------------- loading
     def default_files(self) -> tuple[str, str]:
         """The packaged (train, dev) files of a built-in task."""

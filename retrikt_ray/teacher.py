@@ -25,9 +25,10 @@ class Samples:
     texts: list[str]
 
 
-def calibrate(probs: np.ndarray, reference_mean: np.ndarray) -> np.ndarray:
-    """Divide by the mean predicted distribution of a reference set and renormalise (METHOD.md)."""
-    scaled = probs / np.clip(reference_mean, 1e-12, None)
+def calibrate(probs: np.ndarray, reference_mean: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Divide by the mean predicted distribution of a reference set and renormalise (METHOD.md);
+    a temperature below 1 then sharpens the result (p ** (1 / T), renormalised)."""
+    scaled = (probs / np.clip(reference_mean, 1e-12, None)) ** (1.0 / temperature)
     return (scaled / scaled.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
@@ -115,28 +116,18 @@ class Teacher:
 
     # ------------------------------------------------------------------------------ classification
     @torch.no_grad()
-    def classify_raw(self, examples: list[Example], batch_size: int = 32, layer: int | None = None):
-        """Uncalibrated p_C(. | x): (n, num_labels); choice tasks: over alternatives.
-
-        With `layer`, also h_T: that layer's states mean-pooled over the classification prompt, from
-        the same forward pass (classification tasks), so annotation costs one pass per sample.
-        """
+    def classify_raw(self, examples: list[Example], batch_size: int = 32) -> np.ndarray:
+        """Uncalibrated p_C(. | x): (n, num_labels); choice tasks: over alternatives."""
         if self.task.kind == "choice":
-            probs = self._choice_probs(examples, batch_size)
-            if layer is None:
-                return probs
-            return probs, self.hidden_states([self.task.generation_text(e).strip() for e in examples], layer, batch_size)
+            return self._choice_probs(examples, batch_size)
         prompts = [self.classification_text(example) for example in examples]
-        probs, states = [np.zeros((0, self.task.num_labels), np.float32)], [np.zeros((0, self.model.config.hidden_size), np.float32)]
+        probs = [np.zeros((0, self.task.num_labels), np.float32)]
         for start in range(0, len(prompts), batch_size):
             batch = self._tokenize(prompts[start : start + batch_size])
-            output = self.model(**batch, logits_to_keep=1, output_hidden_states=layer is not None)
-            final = torch.log_softmax(output.logits[:, -1].float(), dim=-1)
+            # Only the last position's logits are needed: skip the vocabulary projection elsewhere.
+            final = torch.log_softmax(self.model(**batch, logits_to_keep=1).logits[:, -1].float(), dim=-1)
             probs.append(torch.softmax(final[:, self.verbaliser_ids], dim=-1).cpu().numpy())
-            if layer is not None:
-                states.append(_mean_pool(output.hidden_states[layer], batch["attention_mask"]))
-        probs = np.concatenate(probs)
-        return probs if layer is None else (probs, np.concatenate(states))
+        return np.concatenate(probs)
 
     def _choice_probs(self, examples: list[Example], batch_size: int) -> np.ndarray:
         """Mean token log-likelihood of each alternative after its context, softmax over alternatives."""

@@ -94,8 +94,11 @@ class Optimiser:
             import deepspeed
 
             config = _deepspeed_config(deepspeed_config, batch_size, world)
-            optimizer = torch.optim.AdamW(param_groups)
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+            # DeepSpeed builds the optimizer its config names; else ours is handed to it.
+            optimizer = None if "optimizer" in config else torch.optim.AdamW(param_groups)
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, model_parameters=param_groups if optimizer is None else None, config=config
+            )
             self.model = self.engine
         else:
             self.optimizer = torch.optim.AdamW(param_groups)

@@ -84,6 +84,10 @@ def test_stage_hashes_change_only_downstream_of_the_change(tmp_path):
     regenerated.generate.samples_per_label = 7
     after = {stage.name: stage.stage_hash for stage in plan(regenerated, tmp_path)}
     assert [name for name in before if before[name] != after[name]] == ["generate", "store", "student", "evaluate"]
+    sharper = base.model_copy(deep=True)
+    sharper.teacher.soft_label_temperature = 0.5
+    after = {stage.name: stage.stage_hash for stage in plan(sharper, tmp_path)}
+    assert [name for name in before if before[name] != after[name]] == ["generate", "store", "student", "evaluate"]
     # Resources change speed, not results: no stage reruns.
     moved = base.model_copy(deep=True)
     moved.resources.num_workers = 4

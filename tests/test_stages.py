@@ -198,3 +198,12 @@ def test_force_redoes_a_finished_stage(sst2_run):
     assert len(lines) == 1 and "skipped" not in lines[0] and "reused" not in lines[0]
     assert manifest(run_dir, "store")["stage_hash"] == pipeline.plan(spec, run_dir)[3].stage_hash
     assert before <= manifest(run_dir, "store")["finished_at"]
+
+
+def test_prompt_stage_trains_through_deepspeed_when_configured(ray_local, tiny_models, tmp_path):
+    spec = tiny_spec(tiny_models, tmp_path)
+    spec.prompt.deepspeed = {"zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "torch_adam": True}}}
+    run_dir, lines = run_logged(spec, only="prompt")
+    losses = manifest(run_dir, "prompt")["metrics"]["loss_per_epoch"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert manifest(run_dir, "prompt")["metrics"]["deepspeed"] is True

@@ -9,12 +9,12 @@ import time
 import numpy as np
 
 from ..artifacts import StageResult, StageRun
-from ..config import JobSpec
+from ..config import TEACHER_CLASSIFIER, JobSpec
 from ..tasks import load_dev
 
 NAME = "evaluate"
 INPUTS = ("student",)
-CONFIG_KEYS = ("task", "data.dev_file", "data.dev_limit", "teacher", "evaluate")
+CONFIG_KEYS = ("task", "data.dev_file", "data.dev_limit", *TEACHER_CLASSIFIER, "evaluate")
 
 
 def accuracy(gold: np.ndarray, probs: np.ndarray) -> float:

@@ -85,7 +85,10 @@ class Annotator:
         from ..tasks import Example
 
         examples = [Example(fields=json.loads(fields), label=int(label)) for fields, label in zip(batch["fields"], batch["label"])]
-        probs, states = self.teacher.classify_raw(examples, self.spec.teacher.classify_batch_size, layer=self.spec.teacher.hidden_layer)
+        batch_size = self.spec.teacher.classify_batch_size
+        probs = self.teacher.classify_raw(examples, batch_size)
+        # h_T(x) is the teacher's reading of the text alone, not of the classification prompt around it.
+        states = self.teacher.hidden_states([self.task.generation_text(e).strip() for e in examples], self.spec.teacher.hidden_layer, batch_size)
         return {**batch, "raw_probs": list(probs), "teacher_state": list(states)}
 
 
@@ -240,7 +243,7 @@ def annotate(spec: JobSpec, task: Task, frame, spec_json: dict):
         reference = Teacher.from_spec(spec, task).content_free_reference()
     else:
         reference = raw.mean(axis=0)
-    annotated["soft_label"] = list(calibrate(raw, reference))
+    annotated["soft_label"] = list(calibrate(raw, reference, spec.teacher.soft_label_temperature))
     return annotated.drop(columns=["raw_probs"])
 
 

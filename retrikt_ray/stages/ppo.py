@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..artifacts import StageResult, StageRun
-from ..config import JobSpec
+from ..config import TEACHER_CLASSIFIER, JobSpec
 from ..tasks import load_few_shot
 
 NAME = "ppo"
@@ -27,7 +27,7 @@ CONFIG_KEYS = (
     "data.train_file",
     "data.shots",
     "data.seed",
-    "teacher",
+    *TEACHER_CLASSIFIER,
     "student.model",
     "student.max_length",
     "generate.min_words",

@@ -110,4 +110,4 @@ def train_loop(config: dict) -> None:
         save_file({"soft_prompt": prompt}, str(folder / "soft_prompt.safetensors"))
         model.save_pretrained(str(folder / "adapter"))
 
-    report_outputs({"loss_per_epoch": losses, "examples": len(few_shot), "workers": world}, write)
+    report_outputs({"loss_per_epoch": losses, "examples": len(few_shot), "workers": world, "deepspeed": optimiser.engine is not None}, write)

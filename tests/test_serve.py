@@ -1,0 +1,374 @@
+"""Serving: the real Ray Serve application on 127.0.0.1 in the test process, over a finished tiny run
+(the real pipeline on 2-layer models), plus `retrikt serve` / `retrikt predict` through the CLI."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+import yaml
+from test_stages import run_logged, tiny_spec
+
+from retrikt_ray.config import ServeSpec, SpecError, TaskSpec
+from retrikt_ray.knowledge_store import KnowledgeStore
+from retrikt_ray.serve import (
+    APP_NAME,
+    INGRESS,
+    STUDENT_STORE,
+    InputError,
+    build_app,
+    check_exposure,
+    max_body_bytes,
+    parse_inputs,
+    predict_texts,
+    request_store_reload,
+    start,
+    store_folder,
+)
+from retrikt_ray.tasks import Task, load_dev
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-7f3a"
+SERVE = {
+    "token_file": None,  # set per run: a file holding TOKEN
+    "max_inputs_per_request": 8,
+    "max_chars_per_input": 300,
+    "batch_max_size": 8,
+    "max_ongoing_requests": 16,
+    "min_replicas": 2,
+    "max_replicas": 3,
+    "target_ongoing_requests": 4.0,
+    "num_cpus": 0.5,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def retrikt(*args, env=None):
+    return subprocess.run([sys.executable, "cli.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tiny_models, tmp_path_factory):
+    """A finished tiny SST-2 run, served on 127.0.0.1 with a token; yields (spec, run_dir, url, port)."""
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("serve")
+    (root / "token").write_text(TOKEN + "\n")
+    spec = tiny_spec(tiny_models, root / "runs")
+    spec.serve = ServeSpec(**{**SERVE, "token_file": str(root / "token")})
+    run_dir, _ = run_logged(spec)
+    port = free_port()
+    url = start(run_dir, "127.0.0.1", port)
+    yield spec, run_dir, url, port
+    serve.shutdown()
+
+
+def post(url, body, session=requests):
+    return session.post(f"{url}/v1/classify", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+
+
+def assert_still_answers(url):
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    answer = post(url, {"inputs": ["a fine film"]})
+    assert answer.status_code == 200 and len(answer.json()["results"]) == 1
+
+
+def test_served_predictions_equal_evaluation(served):
+    spec, run_dir, url, _ = served
+    _, dev = load_dev(spec)
+    evaluated = pd.read_parquet(run_dir / "evaluate" / "predictions.parquet")
+    results = []
+    for start_at in range(0, len(dev), 8):
+        answer = post(url, {"inputs": [example.fields["sentence"] for example in dev[start_at : start_at + 8]]})
+        assert answer.status_code == 200, answer.text
+        results += answer.json()["results"]
+    served_p = np.array([list(result["probabilities"].values()) for result in results])
+    assert np.allclose(served_p, np.stack(evaluated["p"].to_numpy()), atol=1e-5)
+    assert [result["label"] for result in results] == [Task.from_spec(spec.task).label_names[i] for i in evaluated["predicted"]]
+
+
+def test_predict_locally_equals_evaluation(served):
+    spec, run_dir, _, _ = served
+    _, dev = load_dev(spec)
+    evaluated = pd.read_parquet(run_dir / "evaluate" / "predictions.parquet")
+    results = predict_texts(run_dir, [example.fields["sentence"] for example in dev])
+    assert np.allclose([list(result["probabilities"].values()) for result in results], np.stack(evaluated["p"].to_numpy()), atol=1e-5)
+
+    cli = retrikt("predict", str(run_dir), dev[0].fields["sentence"], dev[1].fields["sentence"])
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    lines = [json.loads(line) for line in cli.stdout.splitlines()]
+    assert [line["input"] for line in lines] == [dev[0].fields["sentence"], dev[1].fields["sentence"]]
+    assert np.allclose([list(line["probabilities"].values()) for line in lines], np.stack(evaluated["p"].to_numpy())[:2], atol=1e-5)
+
+
+def test_neighbors_are_the_retrieved_store_rows(served):
+    spec, run_dir, url, _ = served
+    store = KnowledgeStore.load(store_folder(run_dir))
+    answer = post(url, {"inputs": ["a warm and funny film", "dull and far too long"], "return_neighbors": True})
+    assert answer.status_code == 200, answer.text
+    for result in answer.json()["results"]:
+        rows = result["neighbors"]
+        assert len(rows) == spec.student.k
+        assert sum(row["weight"] for row in rows) == pytest.approx(1.0, abs=1e-5)
+        for row in rows:
+            assert row["text"] == store.inputs[row["id"]][0]
+            assert row["label"] == store.labels[row["id"]]
+            assert np.allclose(row["soft_label"], store.soft_labels[row["id"]])
+    assert "neighbors" not in post(url, {"inputs": ["a film"]}).json()["results"][0]
+
+
+def test_info_names_task_models_and_store(served):
+    spec, run_dir, url, _ = served
+    info = requests.get(f"{url}/v1/info", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+    store = KnowledgeStore.load(store_folder(run_dir))
+    assert (info["task"], info["kind"], info["labels"], info["input_fields"]) == ("sst2", "classification", ["negative", "positive"], ["sentence"])
+    assert info["store"]["rows"] == len(store) and info["store"]["version"] == store.version
+    assert info["models"]["student"] == spec.student.model and info["models"]["teacher"] == spec.teacher.model
+    assert info["models"]["student_encoder"] == store.encoder_fingerprint
+    assert info["limits"] == {"max_inputs_per_request": 8, "max_chars_per_input": 300}
+
+
+@pytest.mark.parametrize(
+    "method, route",
+    [("GET", "/v1/info"), ("POST", "/v1/classify"), ("POST", "/v1/admin/reload-store"), ("GET", "/openapi.json")],
+)
+def test_every_route_but_healthz_needs_the_token(served, method, route):
+    _, _, url, _ = served
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+        answer = requests.request(method, f"{url}{route}", json={"inputs": ["x"]}, headers=headers, timeout=30)
+        assert answer.status_code == 401, (headers, answer.text)
+        assert answer.headers["WWW-Authenticate"] == "Bearer"
+    assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
+
+
+def test_openapi_schema_documents_the_api(served):
+    _, _, url, _ = served
+    schema = requests.get(f"{url}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+    assert {"/healthz", "/v1/info", "/v1/classify", "/v1/admin/reload-store"} <= set(schema["paths"])
+    assert "413" in schema["paths"]["/v1/classify"]["post"]["responses"]
+    assert {"ClassifyRequest", "ClassifyResponse", "Neighbor", "Info"} <= set(schema["components"]["schemas"])
+
+
+@pytest.mark.parametrize(
+    "body, detail",
+    [
+        ({"inputs": ["x"] * 9}, "inputs: 9 given, at most 8 per request"),
+        ({"inputs": ["ok", "y" * 301]}, "inputs.1: 301 characters, at most 300 per input"),
+    ],
+)
+def test_requests_over_the_limits_get_413(served, body, detail):
+    _, _, url, _ = served
+    answer = post(url, body)
+    assert answer.status_code == 413 and answer.json()["detail"] == detail
+    assert_still_answers(url)
+
+
+def test_a_body_too_large_for_any_valid_request_gets_413(served):
+    spec, _, url, _ = served
+    body = json.dumps({"inputs": ["z" * 100] * (max_body_bytes(spec.serve) // 100)})
+    answer = requests.post(f"{url}/v1/classify", data=body, headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}, timeout=60)
+    assert answer.status_code == 413
+    assert_still_answers(url)
+
+
+@pytest.mark.parametrize(
+    "body, loc",
+    [
+        ('{"inputs": ["unclosed"', ["body"]),
+        ("{}", ["body", "inputs"]),
+        ('{"inputs": "one text"}', ["body", "inputs"]),
+        ('{"inputs": []}', ["body", "inputs"]),
+        ('{"inputs": [5]}', ["body", "inputs", 0]),
+        ('{"inputs": [{"text": "a film"}]}', ["body", "inputs", 0, "text"]),
+        ('{"inputs": [{"text": "a film"}]}', ["body", "inputs", 0, "sentence"]),
+        ('{"inputs": [{"sentence": ["a", "film"]}]}', ["body", "inputs", 0]),
+        ('{"inputs": ["a film"], "top_k": 3}', ["body", "top_k"]),
+        ('{"inputs": ["a film"], "return_neighbors": "perhaps"}', ["body", "return_neighbors"]),
+        ('["a film"]', ["body"]),
+        ("\xff", ["body"]),
+    ],
+)
+def test_malformed_requests_get_422_naming_the_field(served, body, loc):
+    _, _, url, _ = served
+    answer = requests.post(
+        f"{url}/v1/classify", data=body.encode("latin-1"), headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}, timeout=60
+    )
+    assert answer.status_code == 422, answer.text
+    assert any(error["loc"][: len(loc)] == loc for error in answer.json()["detail"]), answer.json()
+    assert_still_answers(url)
+
+
+def test_choice_inputs_are_objects_of_the_task_fields():
+    task = Task.from_spec(TaskSpec(name="copa"))
+    good = {"premise": "The man  fell.", "question": "cause", "choice1": "He slipped.", "choice2": "He sang."}
+    (example,) = parse_inputs(task, [good])
+    assert example.fields == {**good, "premise": "The man fell."} and example.label == -1
+    with pytest.raises(InputError) as error:
+        parse_inputs(task, ["just text", {**good, "question": "why"}, {key: value for key, value in good.items() if key != "choice2"}])
+    assert [problem["loc"] for problem in error.value.errors] == [("inputs", 0), ("inputs", 1, "question"), ("inputs", 2, "choice2")]
+
+
+def test_choice_task_results_and_neighbors_per_alternative(tiny_models):
+    """COPA through Predictor with an untrained student and a small store of its own keys: the
+    probabilities are over the alternatives, and each alternative's row brings its own neighbours."""
+    from retrikt_ray.config import StudentSpec
+    from retrikt_ray.retrieval_student import RetrievalStudent, encoder_fingerprint
+    from retrikt_ray.serve import Predictor
+
+    task = Task.from_spec(TaskSpec(name="copa"))
+    student = RetrievalStudent.from_spec(StudentSpec(model=tiny_models["student"], k=3), task.student_num_labels)
+    examples = task.load(task.default_files()[1])[:4]
+    rows = [row for example in examples for row in task.student_inputs(example)]
+    store = KnowledgeStore(
+        inputs=rows,
+        labels=[target for example in examples for target in task.row_targets(example)],
+        soft_labels=np.full((len(rows), 2), 0.5),
+        keys=student.embed_all(rows),
+        teacher_states=None,
+        encoder_fingerprint=encoder_fingerprint(student.encoder),
+    )
+    (result,) = Predictor(task, student, store, batch_size=8).results(examples[:1], [True])
+    assert list(result["probabilities"]) == ["1", "2"] and sum(result["probabilities"].values()) == pytest.approx(1.0)
+    by_alternative = {}
+    for row in result["neighbors"]:
+        by_alternative.setdefault(row["alternative"], []).append(row)
+        assert (row["text"], row["text_pair"]) == store.inputs[row["id"]]
+    assert sorted(by_alternative) == ["choice1", "choice2"]
+    for found in by_alternative.values():
+        assert len(found) == 3 and sum(row["weight"] for row in found) == pytest.approx(1.0, abs=1e-5)
+    assert by_alternative["choice1"][0]["id"] == 0 and by_alternative["choice2"][0]["id"] == 1  # its own row first
+
+
+def test_store_swap_under_concurrent_requests(served):
+    """Clients keep classifying while a smaller store replaces the served one: no request fails, and
+    every request sent after the reload answered uses the new version."""
+    _, run_dir, url, port = served
+    folder = store_folder(run_dir)
+    old = KnowledgeStore.load(folder)
+    new = old.subset(np.arange(len(old) // 2))
+    assert new.version != old.version
+    answers, stop = [], threading.Event()
+
+    def client(number):
+        session = requests.Session()
+        while not stop.is_set():
+            sent = time.monotonic()
+            answer = post(url, {"inputs": [f"film number {number}", "a moving story"]}, session=session)
+            version = answer.json().get("store_version") if answer.status_code == 200 else None
+            answers.append((sent, answer.status_code, version))
+
+    threads = [threading.Thread(target=client, args=(number,)) for number in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.5)
+        new.save(folder)
+        reloaded = request_store_reload(run_dir, "127.0.0.1", port)
+        after = time.monotonic()
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        old.save(folder)
+    assert reloaded["store_version"] == new.version and reloaded["rows"] == len(new)
+    assert all(status == 200 for _, status, _ in answers), {status for _, status, _ in answers}
+    assert {version for _, _, version in answers} <= {old.version, new.version}
+    assert old.version in {version for sent, _, version in answers if sent < after}
+    later = [version for sent, _, version in answers if sent > after]
+    assert later and set(later) == {new.version}
+
+    restored = retrikt("serve", str(run_dir), "--port", str(port), "--reload-store")
+    assert restored.returncode == 0, restored.stderr[-2000:]
+    assert restored.stdout.strip().endswith(f"-> {old.version} ({len(old)} rows)")
+    assert post(url, {"inputs": ["a film"]}).json()["store_version"] == old.version
+
+
+def test_a_store_that_does_not_fit_the_student_is_refused(served):
+    _, run_dir, url, port = served
+    folder = store_folder(run_dir)
+    old = KnowledgeStore.load(folder)
+    keys = np.random.default_rng(0).normal(size=old.keys.shape).astype(np.float32)
+    foreign = old.with_keys(keys / np.linalg.norm(keys, axis=1, keepdims=True), "0123456789abcdef")
+    try:
+        foreign.save(folder)
+        with pytest.raises(SpecError, match="409 .*store not reloaded: the store's keys come from encoder 0123456789abcdef"):
+            request_store_reload(run_dir, "127.0.0.1", port)
+    finally:
+        old.save(folder)
+    assert post(url, {"inputs": ["a film"]}).json()["store_version"] == old.version
+
+
+def test_autoscaling_config_and_resources_are_applied(served):
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    details = ServeInstanceDetails(**_get_global_client().get_serve_details()).applications[APP_NAME].deployments
+    student_store = details[STUDENT_STORE].deployment_config
+    autoscaling = student_store.autoscaling_config
+    assert (autoscaling["min_replicas"], autoscaling["max_replicas"], autoscaling["target_ongoing_requests"]) == (2, 3, 4.0)
+    assert student_store.max_ongoing_requests == 16 and student_store.ray_actor_options.num_cpus == 0.5
+    assert details[INGRESS].deployment_config.num_replicas == 1
+    running = serve.status().applications[APP_NAME].deployments[STUDENT_STORE].replica_states.get("RUNNING", 0)
+    assert 2 <= running <= 3
+
+
+def test_config_out_writes_a_serve_config(served, tmp_path):
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    _, run_dir, _, _ = served
+    out = tmp_path / "serve.yaml"
+    result = retrikt("serve", str(run_dir), "--config-out", str(out), "--port", "8123")
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
+    assert (config.http_options.host, config.http_options.port) == ("127.0.0.1", 8123)
+    (app,) = config.applications
+    assert app.import_path == "retrikt_ray.serve:build_app" and app.args == {"run_dir": str(run_dir.resolve()), "host": "127.0.0.1"}
+    deployments = {deployment.name: deployment for deployment in app.deployments}
+    assert deployments[STUDENT_STORE].autoscaling_config["max_replicas"] == 3
+    assert deployments[STUDENT_STORE].ray_actor_options.num_cpus == 0.5
+    assert isinstance(build_app(app.args), Application)
+
+
+def test_a_non_loopback_host_without_token_refuses_to_start(served, tmp_path):
+    _, run_dir, _, _ = served
+    check_exposure("127.0.0.1", None)
+    check_exposure("0.0.0.0", "a token")
+    for host in ("0.0.0.0", "10.1.2.3", "example.org"):
+        with pytest.raises(SpecError, match="not a loopback address, so a token is required"):
+            check_exposure(host, None)
+
+    open_run = tmp_path / "open-run"
+    (open_run / "student").mkdir(parents=True)
+    shutil.copy(run_dir / "student" / "manifest.json", open_run / "student")
+    job = yaml.safe_load((run_dir / "job.yaml").read_text())
+    job["serve"]["token_file"] = None
+    (open_run / "job.yaml").write_text(yaml.safe_dump(job))
+    env = {key: value for key, value in os.environ.items() if key != job["serve"]["token_env"]}
+    result = retrikt("serve", str(open_run), "--host", "0.0.0.0", env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: serve.host 0.0.0.0: not a loopback address, so a token is required (serve.token_file or serve.token_env)"
+    )
+
+
+def test_serving_a_folder_that_is_not_a_finished_run_is_one_line(tmp_path):
+    result = retrikt("predict", str(tmp_path), "text")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path}: not a run directory (no job.yaml)"
