@@ -8,6 +8,7 @@ gives it; a finished stage with the same hash in another run directory is copied
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,8 +26,6 @@ MANIFEST = "manifest.json"
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -146,14 +145,3 @@ def write_job_file(run_dir: Path, spec: JobSpec) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.yaml").write_text(dump_spec(spec))
 
-
-def load_run(run_dir: Path) -> list[dict]:
-    """Manifests of a run's stages in pipeline order (missing stages are absent)."""
-    from .pipeline import STAGE_NAMES
-
-    manifests = []
-    for name in STAGE_NAMES:
-        manifest = read_manifest(Path(run_dir) / name)
-        if manifest is not None:
-            manifests.append(manifest)
-    return manifests

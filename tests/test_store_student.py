@@ -359,7 +359,7 @@ def test_gradient_flows_through_retrieval(tokenizer):
     assert student.head.weight.grad is None
 
 
-def test_save_load_round_trip(tokenizer, tmp_path):
+def test_student_save_load_round_trip(tokenizer, tmp_path):
     student = tiny_student(tokenizer, tau=0.2, lam=0.3)
     store = student_store(student)
     before = student.predict(TEXTS, store, batch_size=5)
