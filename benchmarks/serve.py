@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients, each waiting for its answer")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the measured load")
-    parser.add_argument("--warmup-seconds", type=float, default=5.0)
+    parser.add_argument("--warmup-seconds", type=float, default=45.0, help="unmeasured load first; Serve adds a replica after 30 s above target")
     parser.add_argument("--inputs-per-request", type=int, default=4)
     parser.add_argument("--teacher-examples", type=int, default=64)
     parser.add_argument("--out", default="benchmarks/results/serve")
@@ -192,11 +192,16 @@ async def load(url: str, token: str | None, texts: list[str], clients: int, seco
     return {"latencies": latencies, "errors": sum(error_kinds.values()), "error_kinds": error_kinds, "seconds": time.monotonic() - started}
 
 
+def changes(series: list) -> list:
+    """The (time, count) points where the count differs from the one before."""
+    return [point for index, point in enumerate(series) if index == 0 or point[1] != series[index - 1][1]]
+
+
 def markdown(results: dict) -> str:
     endpoint, ceiling, teacher = results["endpoint"], results["in_process"]["student_store"], results["in_process"]["teacher"]
     load, serve_settings, ratios = results["load"], results["serve"], results["ratios"]
     latency = endpoint["latency_ms"] or {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
-    replicas = ", ".join(f"{count}@{at:.0f}s" for at, count in endpoint["replicas_over_time"])
+    replicas = "; ".join(f"{count} from {at:.0f} s" for at, count in changes(endpoint["replicas_over_time"]))
     mark = {True: "met", False: "NOT met"}
     lines = [
         f"# Serving: {results['task']}, {results['student']} + store behind Ray Serve on 127.0.0.1",
@@ -213,7 +218,8 @@ def markdown(results: dict) -> str:
         f"| student + store in-process (ceiling, batches of {ceiling['batch_size']}) | {ceiling['examples_per_second']:.1f} | | | | | |",
         f"| teacher zero-shot in-process (batches of {teacher['batch_size']}) | {teacher['examples_per_second']:.1f} | | | | | |",
         "",
-        f"Replicas running over time (count@seconds): {replicas}.",
+        f"StudentStore replicas running: {replicas} (measured from {load['warmup_seconds']:.0f} s to "
+        f"{load['warmup_seconds'] + load['seconds']:.0f} s; `replicas_over_time` in the JSON has every second).",
         "",
         "| target | measured | |",
         "|---|---|---|",

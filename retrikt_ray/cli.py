@@ -122,6 +122,129 @@ def predict(
         typer.echo(json.dumps({"input": text, **result}))
 
 
+AddressOpt = Annotated[
+    Optional[str],
+    typer.Option(help="The cluster's dashboard, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, else a local Ray)"),
+]
+TokenOpt = Annotated[
+    Optional[Path], typer.Option(help="File holding the cluster's Ray token (default: resources.auth_token_file, else Ray's own)")
+]
+JobIdArg = Annotated[str, typer.Argument(help="A job id (retrikt submit prints it; retrikt jobs lists them)")]
+
+
+@app.command()
+@user_errors
+def submit(
+    job: JobArg = None,
+    set_: SetOpt = [],
+    address: AddressOpt = None,
+    token_file: TokenOpt = None,
+    follow: Annotated[bool, typer.Option(help="Print the job's output until it ends; exit 1 unless it succeeded")] = False,
+) -> None:
+    """Run the pipeline as a job on a Ray cluster (Job Submission API); prints the job id."""
+    from . import jobs_api
+    from .pipeline import validate as validate_spec
+
+    spec = _load(job, set_)
+    typer.echo(validate_spec(spec), err=True)
+    job_id, run_dir = jobs_api.submit(spec, address, token_file)
+    typer.echo(f"run directory: {run_dir}", err=True)
+    typer.echo(job_id)
+    if follow:
+        _follow(job_id, address, token_file)
+
+
+@app.command()
+@user_errors
+def status(job_id: JobIdArg, address: AddressOpt = None, token_file: TokenOpt = None) -> None:
+    """A submitted job's status, message and run directory."""
+    from .jobs_api import status as job_status
+
+    row = job_status(job_id, address, token_file)
+    for key in ("job_id", "status", "job", "run_dir", "message"):
+        typer.echo(f"{key:8} {row[key]}")
+
+
+@app.command()
+@user_errors
+def logs(
+    job_id: JobIdArg,
+    address: AddressOpt = None,
+    token_file: TokenOpt = None,
+    follow: Annotated[bool, typer.Option(help="Keep printing until the job ends; exit 1 unless it succeeded")] = False,
+) -> None:
+    """A submitted job's output (what `retrikt run` prints)."""
+    from . import jobs_api
+
+    if follow:
+        _follow(job_id, address, token_file)
+    else:
+        typer.echo(jobs_api.logs(job_id, address, token_file), nl=False)
+
+
+@app.command()
+@user_errors
+def stop(job_id: JobIdArg, address: AddressOpt = None, token_file: TokenOpt = None) -> None:
+    """Stop a submitted job; finished stages stay finished, and a later run resumes after them."""
+    from .jobs_api import stop as stop_job
+
+    typer.echo(f"{job_id}: stopping" if stop_job(job_id, address, token_file) else f"{job_id}: had already ended")
+
+
+@app.command()
+@user_errors
+def jobs(address: AddressOpt = None, token_file: TokenOpt = None) -> None:
+    """Every job on the cluster, oldest first."""
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .jobs_api import list_jobs
+
+    table = Table()
+    for column in ("job id", "status", "job", "started", "run directory"):
+        table.add_column(column, overflow="fold")
+    for row in list_jobs(address, token_file):
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["start_time"] / 1000)) if row["start_time"] else ""
+        table.add_row(row["job_id"], row["status"], row["job"], started, row["run_dir"])
+    Console(width=max(120, Console().width)).print(table)
+
+
+@app.command()
+@user_errors
+def tune(
+    job: JobArg = None,
+    sweep: Annotated[Path, typer.Option(help="Sweep file: metric, search space, search, scheduler (jobs/sweeps/)")] = ...,
+    set_: SetOpt = [],
+) -> None:
+    """Sweep job fields with Ray Tune; writes a results table, a plot and the best trial as a job spec."""
+    from . import tune as tuning
+    from .pipeline import validate as validate_spec
+
+    spec = _load(job, set_)
+    settings = tuning.load_sweep(sweep)
+    typer.echo(validate_spec(spec))
+    outcome = tuning.tune_job(spec, settings, log=typer.echo)
+    typer.echo((outcome["dir"] / "results.md").read_text())
+    if outcome["best"] is None:
+        typer.echo(f"error: no trial finished; see {outcome['dir']}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"best: {settings.metric} {outcome['best'][settings.metric]:.4f}, {outcome['dir'] / 'best.yaml'} ({outcome['best']['run_dir']})")
+
+
+def _follow(job_id: str, address: Optional[str], token_file: Optional[Path]) -> None:
+    """Print a job's output as it comes, then its end; exit 1 unless it succeeded."""
+    from . import jobs_api
+
+    for chunk in jobs_api.follow_logs(job_id, address, token_file):
+        typer.echo(chunk, nl=False)
+    final = jobs_api.wait(job_id, address, token_file)
+    typer.echo(f"{job_id}: {final['status']} {final['message']}".rstrip(), err=True)
+    if final["status"] != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
 def _print_table(run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table

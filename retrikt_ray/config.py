@@ -210,6 +210,11 @@ class ResourcesSpec(Section):
     use_gpu: bool = Field(False, description="One GPU per worker / replica")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per process (None: torch's default)")
     address: str | None = Field(None, description="Ray address; None starts a local Ray in-process")
+    auth_token_file: str | None = Field(
+        None,
+        description="File holding the Ray cluster's token for `retrikt submit` "
+        "(None: Ray's own, from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)",
+    )
 
 
 class StorageSpec(Section):
@@ -234,7 +239,7 @@ class ServeSpec(Section):
     min_replicas: int = Field(1, ge=0, description="Fewest student+store replicas (autoscaling)")
     max_replicas: int = Field(2, ge=1, description="Most student+store replicas (autoscaling)")
     target_ongoing_requests: float = Field(
-        8.0, gt=0, description="Autoscaling adds or removes replicas to keep this many requests ongoing per replica"
+        4.0, gt=0, description="Autoscaling adds or removes replicas to keep this many requests ongoing per replica"
     )
     num_cpus: float = Field(1.0, gt=0, description="CPUs per student+store replica")
     ingress_num_cpus: float = Field(0.0, ge=0, description="CPUs of the HTTP ingress replica (it parses and forwards)")

@@ -39,7 +39,6 @@ from retrikt_ray.tasks import Task, load_dev
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-7f3a"
 SERVE = {
-    "token_file": None,  # set per run: a file holding TOKEN
     "max_inputs_per_request": 8,
     "max_chars_per_input": 300,
     "batch_max_size": 8,
@@ -267,7 +266,11 @@ def test_store_swap_under_concurrent_requests(served):
         session = requests.Session()
         while not stop.is_set():
             sent = time.monotonic()
-            answer = post(url, {"inputs": [f"film number {number}", "a moving story"]}, session=session)
+            try:
+                answer = post(url, {"inputs": [f"film number {number}", "a moving story"]}, session=session)
+            except requests.RequestException as error:
+                answers.append((sent, type(error).__name__, None))
+                continue
             version = answer.json().get("store_version") if answer.status_code == 200 else None
             answers.append((sent, answer.status_code, version))
 

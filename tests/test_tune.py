@@ -1,0 +1,105 @@
+"""`retrikt tune`: sweep files, which stages trials share, concurrency, and a small real sweep (two
+student trials, ASHA over student epochs) on tiny models."""
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+from test_stages import tiny_spec
+
+from retrikt_ray import pipeline
+from retrikt_ray.artifacts import is_finished, read_manifest, run_dir_for
+from retrikt_ray.config import SpecError, load_spec
+from retrikt_ray.tune import SweepSpec, concurrent_trials, load_sweep, shared_stages, tune_job, with_values
+
+NO_MODELS = {"teacher": "unused/teacher", "student": "unused/student"}
+
+
+def sweep_file(tmp_path, **fields):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"space": {"student.lam": {"uniform": [0.2, 0.8]}}, **fields}))
+    return path
+
+
+def test_packaged_sweep_is_valid_for_the_demo():
+    sweep = load_sweep("jobs/sweeps/sst2.yaml")
+    spec = with_values(load_spec("jobs/demo.yaml"), sweep.set)
+    for path, domain in sweep.space.items():
+        assert path.startswith("student.")
+        for value in domain.values():
+            with_values(spec, {path: value})
+    assert shared_stages([*sweep.space, sweep.scheduler.fidelity]) == ["prompt", "ppo", "generate", "store"]
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"space": {}}, "no field to sweep"),
+        ({"space": {"student.lam": {"uniform": [0.8, 0.2]}}}, "low < high"),
+        ({"space": {"student.lam": {"uniform": [0.2, 0.8], "choice": [1]}}}, "exactly one"),
+        ({"search": "optuna", "space": {"student.k": {"grid": [4, 8]}}}, "grid needs search: random"),
+        ({"scheduler": {"type": "asha"}}, "fidelity"),
+        ({"metric": "nostage.accuracy"}, "not a stage"),
+        ({"spaces": {}}, "spaces"),
+    ],
+)
+def test_sweep_file_mistakes_are_one_line(tmp_path, fields, message):
+    with pytest.raises(SpecError, match=message):
+        load_sweep(sweep_file(tmp_path, **fields))
+
+
+def test_swept_values_are_checked_as_job_fields():
+    spec = tiny_spec(NO_MODELS, "runs")
+    assert with_values(spec, {"student.lam": 0.3}).student.lam == 0.3 and spec.student.lam == 0.5
+    with pytest.raises(SpecError, match="student.lamb: not a job field"):
+        with_values(spec, {"student.lamb": 0.3})
+    with pytest.raises(SpecError, match="student.lam=2"):
+        with_values(spec, {"student.lam": 2})
+
+
+def test_trials_share_the_stages_before_the_first_swept_one():
+    assert shared_stages(["student.lr", "student.epochs"]) == ["prompt", "ppo", "generate", "store"]
+    assert shared_stages(["generate.samples_per_label"]) == ["prompt", "ppo"]
+    assert shared_stages(["prompt.lr"]) == []
+    assert shared_stages(["resources.num_workers"]) == list(pipeline.STAGE_NAMES)
+
+
+def test_concurrency_follows_resources():
+    spec = tiny_spec(NO_MODELS, "runs")  # 1 worker x 1 CPU, 2 replicas x 0.5 CPU: 1 + 1 CPUs per trial
+    assert concurrent_trials(spec, {"CPU": 2}) == 1 and concurrent_trials(spec, {"CPU": 8}) == 4
+    spec.resources.use_gpu = True
+    assert concurrent_trials(spec, {"CPU": 8, "GPU": 4}) == 2  # 2 GPUs per trial (the replicas)
+
+
+def test_sweep_reuses_upstream_and_writes_table_plot_and_best_job(ray_local, tiny_models, tmp_path):
+    spec = tiny_spec(tiny_models, tmp_path / "runs")
+    sweep = SweepSpec.model_validate(
+        {
+            "num_samples": 1,
+            "scheduler": {"type": "asha", "fidelity": "student.epochs", "rungs": [1, 2]},
+            "set": {"evaluate.teacher_zero_shot": False},
+            "space": {"student.lam": {"grid": [0.3, 0.7]}},
+        }
+    )
+    outcome = tune_job(spec, sweep, log=lambda line: None)
+    out = outcome["dir"]
+    table = pd.read_parquet(out / "results.parquet")
+    assert len(table) == 2 and sorted(table["student.lam"]) == [0.3, 0.7]
+    assert set(table["status"]) == {"done"} and table["student.epochs"].iloc[0] == 2
+    assert table["evaluate.accuracy_student_store"].between(0, 1).all()
+    assert "| trial | student.lam | student.epochs | evaluate.accuracy_student_store | status |" in (out / "results.md").read_text()
+    assert (out / "metric_vs_fields.png").stat().st_size > 0
+
+    best = load_spec(out / "best.yaml")
+    assert best.student.lam == outcome["best"]["student.lam"] and best.student.epochs == 2
+    assert not best.evaluate.teacher_zero_shot
+    run_dir = run_dir_for(best)
+    assert str(run_dir) == outcome["best"]["run_dir"]
+    for stage in pipeline.plan(best, run_dir):
+        assert is_finished(stage.dir, stage.stage_hash), stage.name  # `retrikt run best.yaml` finds it all done
+
+    generated = [read_manifest(path.parent) for path in (tmp_path / "runs").glob("*/generate/manifest.json")]
+    assert len(generated) >= 3 and sum("reused_from" not in manifest for manifest in generated) == 1  # one generation
+    students = [json.loads(path.read_text()) for path in (tmp_path / "runs").glob("*/student/manifest.json")]
+    assert sum("reused_from" not in manifest for manifest in students) >= 3  # two trials x rungs, ASHA may stop one
