@@ -208,6 +208,12 @@ class ResourcesSpec(Section):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per training worker")
     cpus_per_replica: float = Field(0.5, gt=0, description="CPUs per generation replica (fractional on CPU nodes)")
     use_gpu: bool = Field(False, description="One GPU per worker / replica")
+    placement: Literal["pack", "spread"] = Field(
+        "pack",
+        description="pack: training workers in a PACK placement group (one node while it fits) and an autoscaling "
+        "pool of up to generation_replicas teacher replicas; spread: training workers in a SPREAD placement group "
+        "and a fixed pool of generation_replicas replicas scheduled SPREAD, so the work lands on as many nodes as it can",
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch threads per process (None: torch's default)")
     address: str | None = Field(None, description="Ray address; None starts a local Ray in-process")
     auth_token_file: str | None = Field(

@@ -36,6 +36,7 @@ def fit(loop: Callable[[dict], None], loop_config: dict, spec: JobSpec, stage_di
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
             resources_per_worker={"CPU": resources.cpus_per_worker},
+            placement_strategy=resources.placement.upper(),
         ),
         run_config=RunConfig(name=Path(stage_dir).name, storage_path=str(storage)),
     )
@@ -54,10 +55,20 @@ def fit(loop: Callable[[dict], None], loop_config: dict, spec: JobSpec, stage_di
 
 
 def report_outputs(metrics: dict[str, Any], write: Callable[[Path], None]) -> None:
-    """Called by every rank at the end of a loop: rank 0 writes its files via `write(folder)`."""
+    """Called by every rank at the end of a loop: rank 0 writes its files via `write(folder)`.
+
+    The metrics gain `worker_nodes`: the Ray node id of every rank, in rank order (where the work ran).
+    """
+    import ray
     import ray.train
 
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    node = ray.get_runtime_context().get_node_id()
+    worker_nodes = [node] * world
+    if world > 1:
+        torch.distributed.all_gather_object(worker_nodes, node)
+    metrics = {**metrics, "worker_nodes": worker_nodes}
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
@@ -106,7 +117,8 @@ class Optimiser:
             if world > 1:
                 from ray.train.torch import prepare_model
 
-                self.model = prepare_model(model, move_to_device=False)
+                # Encoders carry parameters mean pooling never uses (BERT's pooler): DDP must expect them gradient-free.
+                self.model = prepare_model(model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True})
 
     def step(self, loss: torch.Tensor) -> None:
         if self.engine is not None:

@@ -2,7 +2,8 @@
 
 Ray Data maps (label, seed) rows over an autoscaling pool of teacher replicas (fractional CPUs on CPU
 nodes, one GPU each on GPU nodes). Every finished row is written at once as its own Parquet shard,
-so an interrupted run resumes where it stopped. Then: parse, exact and near-duplicate removal
+so an interrupted run resumes where it stopped; each sample keeps the Ray node id of the replica that
+wrote it (the manifest counts samples per node). Then: parse, exact and near-duplicate removal
 (student-embedding cosine within a label), and annotation with the calibrated teacher classifier
 p_C and the teacher's mean-pooled hidden state h_T (a second Ray Data pass). Every dropped sample is
 counted with its reason in the manifest.
@@ -11,6 +12,7 @@ counted with its reason in the manifest.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +26,8 @@ NAME = "generate"
 INPUTS = ("ppo",)
 CONFIG_KEYS = ("task", "teacher", "student.model", "student.max_length", "generate")
 SAMPLES = "samples.parquet"
+# How long a spread pool may take to start all its replicas before the stage fails.
+POOL_START_TIMEOUT_S = 600
 
 
 def generation_rows(spec: JobSpec, task: Task) -> list[dict]:
@@ -54,8 +58,11 @@ class Generator:
         self.teacher = Teacher.from_spec(self.spec, Task.from_spec(self.spec.task), soft_prompt)
 
     def __call__(self, batch: dict) -> dict:
+        import ray
+
         settings = self.spec.generate
-        out = {"shard": [], "label": [], "text": [], "tokens": []}
+        node = ray.get_runtime_context().get_node_id()
+        out = {"shard": [], "label": [], "text": [], "tokens": [], "node": []}
         for shard, label, count, seed in zip(batch["shard"], batch["label"], batch["count"], batch["seed"]):
             for start in range(0, int(count), settings.batch_size):
                 n = min(settings.batch_size, int(count) - start)
@@ -64,6 +71,7 @@ class Generator:
                 out["label"] += [int(label)] * n
                 out["text"] += samples.texts
                 out["tokens"] += samples.mask.sum(dim=1).tolist()
+                out["node"] += [node] * n
         return out
 
 
@@ -96,13 +104,25 @@ def _pool_options(spec: JobSpec) -> dict:
     from ray.data import ActorPoolStrategy
 
     resources = spec.resources
-    options = {
-        "compute": ActorPoolStrategy(min_size=1, max_size=resources.generation_replicas),
-        "num_cpus": resources.cpus_per_replica,
-    }
+    options = {"num_cpus": resources.cpus_per_replica}
+    if resources.placement == "spread":
+        # A fixed pool: an autoscaling one may never start the replica that would go to a second node.
+        # SPREAD is Ray Data's default for actors today; named so the placement does not hang on that default.
+        options["compute"] = ActorPoolStrategy(size=resources.generation_replicas)
+        options["scheduling_strategy"] = "SPREAD"
+    else:
+        options["compute"] = ActorPoolStrategy(min_size=1, max_size=resources.generation_replicas)
     if resources.use_gpu:
         options["num_gpus"] = 1
     return options
+
+
+def _spread_work(dataset, spec: JobSpec):
+    """With spread placement, no row is handed out before every replica has started: else the first
+    replica up (on the driver's node) could take all the work of a small job."""
+    if spec.resources.placement == "spread":
+        dataset.context.wait_for_min_actors_s = POOL_START_TIMEOUT_S
+    return dataset
 
 
 def _replica_threads(spec: JobSpec) -> int | None:
@@ -122,6 +142,7 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
     todo = [row for row in rows if not (shards_dir / f"{row['shard']}.parquet").exists()]
     prompt = load_file(str(stage.inputs["ppo"] / "soft_prompt.safetensors"))["soft_prompt"].tolist()
     spec_json = spec.model_dump(mode="json")
+    started, new_tokens = time.perf_counter(), 0
     if todo:
         dataset = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             Generator,
@@ -129,11 +150,14 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
             batch_size=1,
             **_pool_options(spec),
         )
+        dataset = _spread_work(dataset, spec)
         with tqdm(total=sum(row["count"] for row in todo), desc="generating", unit="sample") as bar:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
                 for shard, frame in batch.groupby("shard"):
                     frame.to_parquet(shards_dir / f"{shard}.parquet", index=False)
+                    new_tokens += int(frame["tokens"].sum())
                     bar.update(len(frame))
+    generation_seconds = time.perf_counter() - started
     generated = pd.concat([pd.read_parquet(shards_dir / f"{row['shard']}.parquet") for row in rows], ignore_index=True)
 
     kept, dropped = filter_samples(spec, task, generated)
@@ -154,7 +178,14 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
     }
     tokens = int(generated["tokens"].sum())
     return StageResult(
-        metrics={"tokens_generated": tokens, "teacher_agreement": float(annotated["teacher_agrees"].mean()) if len(annotated) else 0.0},
+        metrics={
+            "tokens_generated": tokens,
+            "teacher_agreement": float(annotated["teacher_agrees"].mean()) if len(annotated) else 0.0,
+            # This run's generation pass alone (replica start-up included); a resumed run counts only its new shards.
+            "generation_seconds": round(generation_seconds, 3),
+            "generation_tokens_per_s": new_tokens / generation_seconds if new_tokens else 0.0,
+            "samples_by_node": {node: int(count) for node, count in generated["node"].value_counts().sort_index().items()},
+        },
         counts=counts,
         summary=f"{len(generated)} generated, {len(annotated)} kept ({', '.join(f'{k} {v}' for k, v in dropped.items())}); teacher disagrees on {disagreeing}",
     )
@@ -230,6 +261,7 @@ def annotate(spec: JobSpec, task: Task, frame, spec_json: dict):
         batch_size=64,
         **_pool_options(spec),
     )
+    dataset = _spread_work(dataset, spec)
     parts = []
     with tqdm(total=len(frame), desc="annotating", unit="sample") as bar:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
