@@ -17,7 +17,9 @@ DEFAULT_JOB = Path("jobs/demo.yaml")
 
 JobArg = Annotated[Optional[Path], typer.Argument(help="Job spec YAML (default: jobs/demo.yaml)")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="Override a field: section.field=value (repeatable)")]
-RunDirArg = Annotated[Path, typer.Argument(help="A finished run directory (runs/<job>-<hash>)")]
+RunDirArg = Annotated[
+    str, typer.Argument(help="A finished run directory (runs/<job>-<hash>), or its URI (s3://..., file://...)")
+]
 
 
 def user_errors(command):
@@ -65,15 +67,20 @@ def run(
 
     spec = _load(job, set_)
     typer.echo(validate_spec(spec))
+    from .artifacts import is_uri, run_location
+
     run_dir = run_pipeline(spec, only=stage, force=force, log=typer.echo)
-    typer.echo(f"run directory: {run_dir}")
+    typer.echo(f"run directory: {run_dir}" + (f" (kept at {run_location(spec)})" if is_uri(spec.storage.runs_dir) else ""))
     _print_table(run_dir)
 
 
 @app.command()
 @user_errors
-def show(run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<job>-<hash>)")]) -> None:
+def show(
+    location: Annotated[str, typer.Argument(help="A run directory (runs/<job>-<hash>), or its URI (s3://..., file://...)")],
+) -> None:
     """Print a run's stages, row counts, timings and metrics as a table."""
+    run_dir = _local_run(location)
     if not (run_dir / "job.yaml").is_file():
         raise SpecError(f"{run_dir}: not a run directory (no job.yaml)")
     _print_table(run_dir)
@@ -94,6 +101,7 @@ def serve(
 
     from . import serve as serving
 
+    run_dir = _local_run(run_dir)
     settings = serving.load_run_spec(run_dir).serve
     host, port = host or settings.host, port or settings.port
     if config_out is not None:
@@ -118,7 +126,7 @@ def predict(
 
     from .serve import predict_texts
 
-    for text, result in zip(inputs, predict_texts(run_dir, inputs, neighbors)):
+    for text, result in zip(inputs, predict_texts(_local_run(run_dir), inputs, neighbors)):
         typer.echo(json.dumps({"input": text, **result}))
 
 
@@ -243,6 +251,14 @@ def _follow(job_id: str, address: Optional[str], token_file: Optional[Path]) -> 
     typer.echo(f"{job_id}: {final['status']} {final['message']}".rstrip(), err=True)
     if final["status"] != "SUCCEEDED":
         raise typer.Exit(1)
+
+
+def _local_run(location: str) -> Path:
+    """A run directory here: a path as given, or a run at a URI fetched into the default cache's staging copy."""
+    from .artifacts import local_run_dir
+    from .config import StorageSpec
+
+    return local_run_dir(location, StorageSpec().cache_dir)
 
 
 def _print_table(run_dir: Path) -> None:

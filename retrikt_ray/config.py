@@ -224,8 +224,18 @@ class ResourcesSpec(Section):
 
 
 class StorageSpec(Section):
-    runs_dir: str = Field("runs", description="Where run directories are written")
-    cache_dir: str = Field("~/.cache/retrikt", description="Converted models and other reusable downloads")
+    """Where runs are kept. Not part of any content hash."""
+
+    runs_dir: str = Field(
+        "runs",
+        description="Where run directories are written: a local or shared path, or a pyarrow filesystem URI "
+        "(s3://bucket/runs, gs://bucket/runs, hdfs://..., file:///shared/runs) that every finished stage is uploaded "
+        "to and finished stages are fetched from",
+    )
+    cache_dir: str = Field(
+        "~/.cache/retrikt",
+        description="Converted models, other reusable downloads, and the local staging copies of runs kept at a URI",
+    )
 
 
 class ServeSpec(Section):

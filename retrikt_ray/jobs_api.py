@@ -4,8 +4,9 @@
 A submitted job uploads this checkout as its working directory (without version control, virtual
 environments, run directories and caches) and carries the job spec in an environment variable; on
 the cluster its entrypoint writes the spec to a file and runs `python cli.py run` on it, connected to
-that cluster. Run directories go to the spec's `storage.runs_dir`, made absolute here, so on a
-shared filesystem (or a cluster on this machine) `retrikt show` and `retrikt serve` read them.
+that cluster. Run directories go to the spec's `storage.runs_dir` (a relative path made absolute
+here, a URI as given), so on a shared filesystem, a cluster on this machine or an object store
+`retrikt show` and `retrikt serve` read them.
 
 The cluster is the `address` given, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else a local Ray.
 Its token is the file given (or the spec's `resources.auth_token_file`), else Ray's own; it is sent
@@ -21,7 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .artifacts import run_dir_for
+from .artifacts import is_uri, run_location
 from .config import JobSpec, SpecError, dump_spec
 
 # Never uploaded. Ray adds .git, .venv, venv and __pycache__ itself unless RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES
@@ -96,7 +97,7 @@ def carried_spec(spec: JobSpec) -> JobSpec:
     carried = spec.model_copy(deep=True)
     carried.resources.address = "auto"
     runs_dir = Path(spec.storage.runs_dir)
-    if not runs_dir.is_absolute() and not spec.storage.runs_dir.startswith("~"):
+    if not is_uri(spec.storage.runs_dir) and not runs_dir.is_absolute() and not spec.storage.runs_dir.startswith("~"):
         carried.storage.runs_dir = str(runs_dir.resolve())
     return carried
 
@@ -105,22 +106,22 @@ def runtime_env(spec: JobSpec, root: Path) -> dict:
     """The checkout as working directory, without what never belongs in an upload, and the job spec."""
     excludes = list(EXCLUDES)
     runs_dir = Path(spec.storage.runs_dir).expanduser()
-    if runs_dir.is_relative_to(root):
+    if not is_uri(spec.storage.runs_dir) and runs_dir.is_relative_to(root):
         excludes.append("/" + runs_dir.relative_to(root).as_posix())
     return {"working_dir": str(root), "excludes": excludes, "env_vars": {JOB_ENV: dump_spec(spec)}}
 
 
-def submit(spec: JobSpec, address: str | None = None, token_file: str | os.PathLike | None = None) -> tuple[str, Path]:
-    """Submit the pipeline of a job spec; returns the job id and the run directory it will write."""
+def submit(spec: JobSpec, address: str | None = None, token_file: str | os.PathLike | None = None) -> tuple[str, str]:
+    """Submit the pipeline of a job spec; returns the job id and where the run will be (a path or a URI)."""
     root = checkout_root()
     carried = carried_spec(spec)
-    run_dir = run_dir_for(carried)
+    run_dir = run_location(carried)
     client = _client(address, token_file or spec.resources.auth_token_file)
     with _one_line_errors(address):
         job_id = client.submit_job(
             entrypoint=ENTRYPOINT,
             runtime_env=runtime_env(carried, root),
-            metadata={"retrikt_job": spec.name, "run_dir": str(run_dir)},
+            metadata={"retrikt_job": spec.name, "run_dir": run_dir},
         )
     return job_id, run_dir
 

@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Callable
 
 from .artifacts import (
+    RemoteRun,
     StageRun,
     find_finished_elsewhere,
     is_finished,
+    is_uri,
     read_manifest,
     run_dir_for,
+    run_location,
     stage_hash,
     write_job_file,
 )
@@ -90,8 +93,22 @@ def ray_session(spec: JobSpec):
         ray.shutdown()
 
 
+def sync_with_remote(remote: RemoteRun, stages: list[StageRun], log: Callable[[str], None]) -> None:
+    """Fetch the stages finished at the URI that the staging copy lacks; upload the reverse."""
+    for stage in stages:
+        here, there = is_finished(stage.dir, stage.stage_hash), remote.is_finished(stage.name, stage.stage_hash)
+        if there and not here:
+            remote.download(stage.run_dir, stage.name)
+            log(f"[{stage.name}] finished at {remote.uri}, fetched")
+        elif here and not there:
+            remote.upload_stage(stage.dir)
+
+
 def run(spec: JobSpec, only: str | None = None, force: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Run the pipeline (or one stage) and return the run directory."""
+    """Run the pipeline (or one stage) and return the (local) run directory.
+
+    With a URI as runs_dir, the stages run in the local staging copy and each one is uploaded when done.
+    """
     from .models import teacher_path
 
     if only is not None and only not in STAGE_NAMES:
@@ -99,6 +116,10 @@ def run(spec: JobSpec, only: str | None = None, force: bool = False, log: Callab
     run_dir = run_dir_for(spec)
     write_job_file(run_dir, spec)
     stages = plan(spec, run_dir)
+    remote = RemoteRun(run_location(spec)) if is_uri(spec.storage.runs_dir) else None
+    if remote is not None:
+        remote.upload_file(run_dir / "job.yaml", "job.yaml")
+        sync_with_remote(remote, stages, log)
     modules = dict(zip(STAGE_NAMES, STAGES))
     selected = [stage for stage in stages if only in (None, stage.name)]
     for stage in selected:
@@ -118,12 +139,15 @@ def run(spec: JobSpec, only: str | None = None, force: bool = False, log: Callab
             if source is not None:
                 stage.reuse(source)
                 log(f"[{stage.name}] same inputs as {source}, reused")
-                continue
-            stage.prepare()
-            started = time.perf_counter()
-            result = modules[stage.name].run(spec, stage)
-            manifest = stage.finish(result, time.perf_counter() - started)
-            log(f"[{stage.name}] {manifest['seconds']:.0f}s: {result.summary}")
+            else:
+                stage.prepare()
+                started = time.perf_counter()
+                result = modules[stage.name].run(spec, stage)
+                manifest = stage.finish(result, time.perf_counter() - started)
+                log(f"[{stage.name}] {manifest['seconds']:.0f}s: {result.summary}")
+            if remote is not None:
+                remote.upload_stage(stage.dir)
+                log(f"[{stage.name}] uploaded to {remote.uri}/{stage.name}")
     return run_dir
 
 

@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from . import pipeline
-from .artifacts import read_manifest
+from .artifacts import is_uri, read_manifest, run_dir_for
 from .config import JobSpec, SpecError, content_hash, dump_spec
 
 SEARCHERS = {"optuna": ("ray.tune.search.optuna", "OptunaSearch"), "hyperopt": ("ray.tune.search.hyperopt", "HyperOptSearch")}
@@ -199,7 +199,8 @@ def trial(config: dict, base: dict, sweep: dict) -> None:
 
 
 def sweep_dir_for(spec: JobSpec, sweep: SweepSpec) -> Path:
-    return Path(spec.storage.runs_dir) / f"sweep-{spec.name}-{content_hash([spec.spec_hash(), sweep.model_dump(mode='json')])[:8]}"
+    """Beside the job's run directories; for a runs_dir URI, beside their local staging copies (not uploaded)."""
+    return run_dir_for(spec).parent / f"sweep-{spec.name}-{content_hash([spec.spec_hash(), sweep.model_dump(mode='json')])[:8]}"
 
 
 def tuner(spec: JobSpec, sweep: SweepSpec, out: Path, max_concurrent: int):
@@ -304,7 +305,8 @@ def tune_job(spec: JobSpec, sweep: SweepSpec, log: Callable[[str], None] = print
 
     spec = with_values(spec, sweep.set)
     # Trials run in Tune's trial folders: a relative runs_dir would land there.
-    spec.storage.runs_dir = str(Path(spec.storage.runs_dir).expanduser().resolve())
+    if not is_uri(spec.storage.runs_dir):
+        spec.storage.runs_dir = str(Path(spec.storage.runs_dir).expanduser().resolve())
     for path, domain in sweep.space.items():
         for value in domain.values():
             with_values(spec, {path: value})

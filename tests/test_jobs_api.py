@@ -199,3 +199,6 @@ def test_carried_spec_runs_on_the_cluster_and_writes_where_the_spec_says(tmp_pat
     assert carried.storage.runs_dir == str(tmp_path / "runs") and spec.storage.runs_dir == "runs"
     assert carried.spec_hash() == spec.spec_hash()  # the run directory a local run would have
     assert jobs_api.carried_spec(tiny_spec(NO_MODELS, "~/runs")).storage.runs_dir == "~/runs"  # the cluster's home
+    in_bucket = jobs_api.carried_spec(tiny_spec(NO_MODELS, "s3://bucket/runs"))
+    assert in_bucket.storage.runs_dir == "s3://bucket/runs"
+    assert jobs_api.runtime_env(in_bucket, REPO)["excludes"] == jobs_api.EXCLUDES
