@@ -1,7 +1,8 @@
 """Stage 4: the knowledge store. One row per student input of each kept sample (choice tasks: one
 per alternative), with the teacher's soft label q_T, h_T, and a key = the L2-normalised embedding of
 the row by the (not yet trained) student encoder. The FAISS index is exact up to store.exact_max_rows.
-store.fraction < 1 keeps a random share of the samples (store-size ablations). The student stage re-encodes the keys with the trained encoder and saves the store it serves with.
+store.fraction < 1 keeps a random share of the samples (store-size ablations). The student stage
+re-encodes the keys with the trained encoder and saves the store it serves with.
 """
 
 from __future__ import annotations
