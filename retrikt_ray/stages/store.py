@@ -1,7 +1,8 @@
 """Stage 4: the knowledge store. One row per student input of each kept sample (choice tasks: one
 per alternative), with the teacher's soft label q_T, h_T, and a key = the L2-normalised embedding of
 the row by the (not yet trained) student encoder. The FAISS index is exact up to store.exact_max_rows.
-The student stage re-encodes the keys with the trained encoder and saves the store it serves with.
+store.fraction < 1 keeps a random share of the samples (store-size ablations). The student stage
+re-encodes the keys with the trained encoder and saves the store it serves with.
 """
 
 from __future__ import annotations
@@ -51,7 +52,11 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
     from ..retrieval_student import RetrievalStudent, encoder_fingerprint
 
     task = Task.from_spec(spec.task)
-    rows = store_rows(task, read_samples(stage.inputs["generate"]))
+    samples = read_samples(stage.inputs["generate"])
+    if spec.store.fraction < 1:
+        chosen = np.random.default_rng(spec.generate.seed).permutation(len(samples))[: max(1, round(spec.store.fraction * len(samples)))]
+        samples = samples.iloc[np.sort(chosen)].reset_index(drop=True)
+    rows = store_rows(task, samples)
     if not rows["inputs"]:
         from ..config import SpecError
 

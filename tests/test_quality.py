@@ -1,0 +1,195 @@
+"""The quality benchmark's pieces: baseline runners on tiny models, the benchmark's pipeline variants,
+seed aggregation, and the written results (JSON, markdown, plots)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrikt_ray import baselines
+from retrikt_ray.config import JobSpec
+from retrikt_ray.pipeline import plan
+from retrikt_ray.retrieval_student import RetrievalStudent, ce_loss, encoder_fingerprint
+from retrikt_ray.tasks import load_dev, load_few_shot
+from retrikt_ray.teacher import Teacher
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_quality():
+    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quality"] = module  # pydantic resolves the module's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _load_quality()
+
+
+def _spec(tiny_models, task="sst2", shots=4, tmp_path=None) -> JobSpec:
+    raw = {
+        "task": {"name": task},
+        "data": {"shots": shots, "dev_limit": 12},
+        "teacher": {"model": tiny_models["teacher"]},
+        "student": {"model": tiny_models["student"], "max_length": 32, "lr": 1e-3},
+    }
+    if tmp_path is not None:
+        raw["storage"] = {"runs_dir": str(tmp_path)}
+    return JobSpec.model_validate(raw)
+
+
+def _training_loss(task, student, examples) -> float:
+    rows, targets = baselines.labelled_rows(task, examples)
+    with torch.no_grad():
+        return ce_loss(torch.tensor(targets), student.head_probs(torch.from_numpy(student.embed_all(rows)))).item()
+
+
+def test_finetuned_student_trains_encoder_and_head_on_the_labelled_rows(tiny_models):
+    spec = _spec(tiny_models)
+    task, few_shot = load_few_shot(spec)
+    untrained = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
+    student = baselines.finetune_student(spec, task, few_shot, baselines.BaselineSettings(finetune_epochs=15, batch_size=4))
+    assert encoder_fingerprint(student.encoder) != encoder_fingerprint(untrained.encoder)
+    torch.manual_seed(spec.student.seed)  # the same fresh head the runner started from
+    fresh = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
+    assert _training_loss(task, student, few_shot) < _training_loss(task, fresh, few_shot)
+    probs = baselines.head_predictions(task, student, few_shot)
+    assert (probs.argmax(axis=1) == [example.label for example in few_shot]).mean() >= 0.75
+
+
+def test_linear_probe_leaves_the_encoder_frozen_and_fits_the_head(tiny_models):
+    spec = _spec(tiny_models)
+    task, few_shot = load_few_shot(spec)
+    untrained = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
+    settings = baselines.BaselineSettings(probe_epochs=300, probe_lr=0.1)
+    student = baselines.linear_probe(spec, task, few_shot, settings)
+    assert encoder_fingerprint(student.encoder) == encoder_fingerprint(untrained.encoder)
+    torch.manual_seed(spec.student.seed)
+    fresh = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
+    assert _training_loss(task, student, few_shot) < _training_loss(task, fresh, few_shot)
+
+
+def test_choice_task_predictions_are_distributions_over_the_alternatives(tiny_models):
+    spec = _spec(tiny_models, task="copa", shots=6)
+    task, few_shot = load_few_shot(spec)
+    _, dev = load_dev(spec)
+    student = baselines.linear_probe(spec, task, few_shot, baselines.BaselineSettings(probe_epochs=5))
+    probs = baselines.head_predictions(task, student, dev)
+    assert probs.shape == (len(dev), 2)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # p(alternative i) is proportional to the head's p(right) of row i.
+    rows, _ = baselines.labelled_rows(task, dev[:1])
+    with torch.no_grad():
+        right = student.head_probs(torch.from_numpy(student.embed_all(rows)))[:, 1].numpy()
+    np.testing.assert_allclose(probs[0], right / right.sum(), rtol=1e-4)
+
+
+def test_setfit_baseline_returns_probabilities_for_every_label(tiny_models):
+    pytest.importorskip("setfit")
+    spec = _spec(tiny_models, task="cb", shots=3)
+    task, few_shot = load_few_shot(spec)
+    _, dev = load_dev(spec)
+    settings = baselines.BaselineSettings(setfit_iterations=2, setfit_batch_size=8)
+    probs = baselines.setfit_student(spec, task, few_shot, dev, settings)
+    assert probs.shape == (len(dev), 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # The head is fitted on the tuned embeddings of the labelled examples: it reproduces most of them.
+    on_train = baselines.setfit_student(spec, task, few_shot, few_shot, settings)
+    assert (on_train.argmax(axis=1) == [example.label for example in few_shot]).mean() >= 0.6
+
+
+def test_tuned_prompt_teacher_scores_each_text_under_each_label_prompt(tiny_models):
+    spec = _spec(tiny_models)
+    task, few_shot = load_few_shot(spec)
+    torch.manual_seed(0)
+    teacher = Teacher.from_spec(spec, task, soft_prompt=0.1 * torch.randn(4, 32))
+    examples = few_shot[:5]
+    batched = baselines.tuned_prompt_teacher(teacher, examples, batch_size=3)  # padded batches
+    assert batched.shape == (5, 2)
+    for row, example in enumerate(examples):
+        ids = torch.tensor([teacher.tokenizer(task.generation_text(example) + "\n", add_special_tokens=False).input_ids])
+        with torch.no_grad():
+            scores = np.array([teacher.continuation_outputs(label, ids, teacher.soft_prompt)[0].sum().item() for label in range(2)])
+        expected = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+        np.testing.assert_allclose(batched[row], expected, rtol=1e-3, atol=1e-5)
+
+
+def test_variants_share_the_stages_they_should(tiny_models, tmp_path):
+    profile = quality.Profile(
+        description="test",
+        tasks=["sst2"],
+        seeds=[0],
+        shots=4,
+        ablation_tasks=["sst2"],
+        store_fractions=[0.25],
+        job={"teacher": {"model": tiny_models["teacher"]}, "student": {"model": tiny_models["student"]}},
+    )
+    specs = quality.variant_specs(profile, "test", "sst2", 0, tmp_path)
+    assert set(specs) == {"full", "zerogen", "no_ppo", "no_rank", "store_25"}
+    hashes = {variant: {stage.name: stage.stage_hash for stage in plan(spec, tmp_path / variant)} for variant, spec in specs.items()}
+    full = hashes["full"]
+    assert all(h["prompt"] == full["prompt"] for h in hashes.values())
+    for variant in ("zerogen", "no_rank", "store_25"):
+        assert hashes[variant]["generate"] == full["generate"]
+    assert hashes["no_ppo"]["ppo"] != full["ppo"]
+    assert hashes["no_rank"]["store"] == full["store"] and hashes["no_rank"]["student"] != full["student"]
+    assert hashes["store_25"]["store"] != full["store"]
+    assert specs["zerogen"].student.lam == 0 and specs["zerogen"].student.b == 0
+    assert specs["full"].evaluate.teacher_zero_shot and not specs["no_rank"].evaluate.teacher_zero_shot
+    other_seed = quality.variant_specs(profile, "test", "sst2", 1, tmp_path)["full"]
+    assert plan(other_seed, tmp_path / "s1")[0].stage_hash != full["prompt"]
+
+
+def _cells():
+    cells = []
+    for seed, (retrikt, setfit) in enumerate([(0.80, 0.70), (0.86, 0.72), (0.83, 0.74)]):
+        cells.append({"task": "sst2", "seed": seed, "method": "retrikt", "accuracy": retrikt, "seconds": 1.0})
+        cells.append({"task": "sst2", "seed": seed, "method": "student_setfit", "accuracy": setfit, "seconds": 1.0})
+    cells.append({"task": "sst2", "seed": 0, "method": "retrikt_store_25", "accuracy": 0.75, "seconds": 1.0})
+    cells.append({"task": "rte", "seed": 0, "method": "retrikt", "accuracy": 0.5, "seconds": 1.0})
+    return cells
+
+
+def test_aggregation_gives_mean_and_min_max_over_seeds():
+    table = quality.aggregate(_cells())
+    summary = table["sst2"]["retrikt"]
+    assert summary["mean"] == pytest.approx(0.83) and summary["min"] == 0.80 and summary["max"] == 0.86
+    assert summary["seeds"] == [0, 1, 2]
+    assert table["rte"]["retrikt"] == {"mean": 0.5, "min": 0.5, "max": 0.5, "seeds": [0]}
+    assert quality.format_cell(summary) == "83.0 (80.0-86.0)"
+    assert quality.format_cell(table["rte"]["retrikt"]) == "50.0"
+    checks = quality.targets(table, ["sst2", "rte"])
+    assert checks["sst2_retrikt_at_least_84.4"] is False
+    assert checks["sst2_retrikt_5_points_above_setfit"] is True  # 0.83 >= 0.72 + 0.05
+
+
+def test_results_and_plot_files_are_written(tmp_path):
+    profile = quality.Profile(description="test budget", tasks=["sst2", "rte"], seeds=[0, 1, 2], ablation_tasks=["sst2"], store_fractions=[0.25])
+    cells = quality.Cells(tmp_path / "quality.json", "test")
+    cells.cells = _cells()
+    history = [{"update": u, "reward": 0.1 * u, "consistency_term": -0.5, "diversity_term": 0.2, "penalty_term": 0.0, "consistency_rate": 0.6 + 0.1 * u, "distinct_2": 0.8} for u in range(3)]
+    pool = {"generated": 10, "kept": 9, "teacher_agreement": 0.7, "distinct_2": 0.8}
+    cells.extras["sst2/0"] = {
+        "ppo_rollouts": {"before": {"consistency_rate": 0.6, "distinct_2": 0.8, "mean_max_cos": 0.5}, "after": {"consistency_rate": 0.8, "distinct_2": 0.8, "mean_max_cos": 0.5}},
+        "ppo_history": history,
+        "parameters": {"teacher": 1000, "student": 100, "store_rows": 9},
+        "cpu_ms_per_example": {"teacher": 10.0, "student_store": 1.0},
+        "dev_examples": 12,
+        "generated_pool": {"after_ppo": pool, "stage1_prompt": pool},
+    }
+    quality.write_results(tmp_path / "quality", "test", profile, cells, started=0.0)
+    for name in ("quality_accuracy.png", "quality_store_size.png", "quality_ppo.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    written = json.loads((tmp_path / "quality.json").read_text())
+    assert written["table"]["sst2"]["retrikt"]["min"] == 0.80
+    text = (tmp_path / "quality.md").read_text()
+    assert "| RetriKT: student + store, full recipe | 83.0 (80.0-86.0) | 50.0 |" in text
+    assert "test budget" in text and "0.60 -> 0.80" in text
+    # A rerun of the same profile starts from the finished cells; another profile starts afresh.
+    assert len(quality.Cells(tmp_path / "quality.json", "test").cells) == len(_cells())
+    assert quality.Cells(tmp_path / "quality.json", "other").cells == []
