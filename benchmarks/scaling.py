@@ -109,6 +109,7 @@ def main() -> None:
     args = parser.parse_args()
 
     spec = load_spec(REPO / args.job, [*BUDGETS, f"storage.runs_dir={(REPO / args.runs_dir).resolve()}"])
+    load_at_start = os.getloadavg()[0]
     pipeline.run(with_resources(spec, max(args.workers)))
     results = {
         "job": args.job,
@@ -120,6 +121,8 @@ def main() -> None:
         "training": [measure_training(spec, workers, tuple(args.epochs)) for workers in args.workers],
         "gpu": "measured on a GPU machine: not run here" if torch.cuda.is_available() else "not run: no GPU lent",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        # Other processes on the machine change every figure above: the 1-minute load average says how busy it was.
+        "load_average_1m": {"start": round(load_at_start, 2), "end": round(os.getloadavg()[0], 2)},
     }
     out = REPO / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +164,8 @@ def markdown(results: dict) -> str:
         "between the two epoch counts, so Ray Train's start-up cancels out; an epoch includes re-encoding the",
         "store's keys on every worker.",
         "",
-        f"Machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}.",
+        f"Machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}; 1-minute load average "
+        f"{results['load_average_1m']['start']} at the start, {results['load_average_1m']['end']} at the end.",
         "",
     ]
     return "\n".join(lines)
