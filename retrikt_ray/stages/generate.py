@@ -1,7 +1,7 @@
 """Stage 3: knowledge extraction. The teacher with the tuned prompt writes N_y samples per label.
 
-Ray Data maps (label, seed) rows over an autoscaling pool of teacher replicas (fractional CPUs on CPU
-nodes, one GPU each on GPU nodes). Every finished row is written at once as its own Parquet shard,
+Ray Data maps (label, seed) rows over a pool of teacher replicas (autoscaling, or fixed and spread over
+the nodes with `resources.placement: spread`; fractional CPUs on CPU nodes, one GPU each on GPU nodes). Every finished row is written at once as its own Parquet shard,
 so an interrupted run resumes where it stopped; each sample keeps the Ray node id of the replica that
 wrote it (the manifest counts samples per node). Then: parse, exact and near-duplicate removal
 (student-embedding cosine within a label), and annotation with the calibrated teacher classifier
