@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 
 class SpecError(ValueError):
@@ -89,14 +89,59 @@ class TeacherSpec(Section):
     classify_batch_size: int = Field(32, ge=1, description="Texts per teacher forward when classifying")
 
 
+# The stages whose optimisation runs in Ray Train workers under DeepSpeed.
+TRAINING_STAGES = ("prompt", "ppo", "student")
 # The teacher fields that define its classifier p_C (what PPO's reward and evaluation depend on).
 TEACHER_CLASSIFIER = ("teacher.model", "teacher.dtype", "teacher.trust_remote_code", "teacher.chat_template", "teacher.calibration")
 
 
 # --------------------------------------------------------------------------------------- stages
+class DeepSpeedSpec(Section):
+    """How a training stage's optimisation runs: a DeepSpeed engine in every Ray Train worker."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        0, description="ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters"
+    )
+    offload_optimizer: bool = Field(False, description="ZeRO 1-3 on GPUs: keep optimizer state in CPU memory")
+    offload_parameters: bool = Field(False, description="ZeRO 3 on GPUs: keep parameters in CPU memory")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision of the engine")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches whose gradients make one optimizer step")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Examples per worker per forward pass (None: the stage's batch size)"
+    )
+    config_file: str | None = Field(
+        None,
+        description="A DeepSpeed JSON config used as is (batch sizes it leaves out come from the stage); "
+        "the other fields must then stay at their defaults",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo):
+        if self.offload_parameters and self.zero_stage != 3:
+            raise ValueError("offload_parameters needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        changed = [name for name, field in type(self).model_fields.items() if name != "config_file" and getattr(self, name) != field.default]
+        if self.config_file is not None and changed:
+            raise ValueError(f"config_file is used as is: leave out {', '.join(changed)}")
+        # Workers get the file's content from the driver (loaded_config_file); their node may lack the path.
+        context = info.context or {}
+        if self.config_file is not None and not context.get("in_worker"):
+            path = Path(context.get("base", ".")) / Path(self.config_file).expanduser()
+            if not path.is_file():
+                raise ValueError(f"config_file: file not found: {self.config_file}")
+            try:
+                loaded = json.loads(path.read_text())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"config_file: {self.config_file} is not valid JSON (line {error.lineno})") from None
+            if not isinstance(loaded, dict):
+                raise ValueError(f"config_file: {self.config_file} is not a JSON object")
+        return self
+
+
 class DeepSpeedOption(Section):
-    deepspeed: str | dict[str, Any] | None = Field(
-        None, description="DeepSpeed config (JSON file path or inline mapping) for this stage's optimisation"
+    deepspeed: DeepSpeedSpec | None = Field(
+        None, description="This stage's DeepSpeed settings; None: the job's shared `deepspeed` section"
     )
 
 
@@ -217,6 +262,16 @@ class ResourcesSpec(Section):
         "pool of up to generation_replicas teacher replicas; spread: training workers in a SPREAD placement group "
         "and a fixed pool of generation_replicas replicas scheduled SPREAD, so the work lands on as many nodes as it can",
     )
+    max_failures: int = Field(
+        1, ge=-1, description="Restarts of a training stage's worker group after a worker dies (-1: no limit); "
+        "each restart resumes from the stage's last checkpoint"
+    )
+    checkpoint_every_steps: int | None = Field(
+        200, ge=1, description="Prompt and student stages: checkpoint every N optimizer steps (None: never)"
+    )
+    checkpoint_every_updates: int | None = Field(
+        2, ge=1, description="PPO: checkpoint every N updates (None: never)"
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch threads per process (None: torch's default)")
     address: str | None = Field(None, description="Ray address; None starts a local Ray in-process")
     auth_token_file: str | None = Field(
@@ -289,17 +344,28 @@ class JobSpec(Section):
     generate: GenerateSpec = GenerateSpec()
     store: StoreSpec = StoreSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     resources: ResourcesSpec = ResourcesSpec()
     storage: StorageSpec = StorageSpec()
     serve: ServeSpec = ServeSpec()
 
-    @field_validator("prompt", "ppo", "student")
-    @classmethod
-    def _deepspeed_file_exists(cls, section):
-        path = section.deepspeed
-        if isinstance(path, str) and not Path(path).expanduser().is_file():
-            raise ValueError(f"deepspeed: file not found: {path}")
-        return section
+    @model_validator(mode="after")
+    def _deepspeed_fits_resources(self):
+        for stage in TRAINING_STAGES:
+            settings = self.deepspeed_for(stage)
+            where = f"{stage}.deepspeed" if getattr(self, stage).deepspeed is not None else "deepspeed"
+            if settings.precision == "fp16" and not self.resources.use_gpu:
+                raise ValueError(f"{where}.precision: fp16 needs GPUs (resources.use_gpu: true); use fp32 or bf16")
+            if (settings.offload_optimizer or settings.offload_parameters) and not self.resources.use_gpu:
+                raise ValueError(f"{where}: offloading moves GPU memory to the CPU and needs resources.use_gpu: true")
+        micro = self.deepspeed_for("student").micro_batch_size
+        if micro is not None and micro < 2 and self.student.b > 0:
+            raise ValueError("student.deepspeed.micro_batch_size: L_rank (student.b > 0) needs at least 2 rows per batch")
+        return self
+
+    def deepspeed_for(self, stage: str) -> DeepSpeedSpec:
+        """A training stage's DeepSpeed settings: its own section, else the shared one."""
+        return getattr(self, stage).deepspeed or self.deepspeed
 
     def section_hash(self, *paths: str) -> str:
         """Content hash of the named config parts (`task`, `student.model`, ...)."""
@@ -325,12 +391,13 @@ def content_hash(payload: Any) -> str:
 # -------------------------------------------------------------------------------------- loading
 def _format_error(error: ValidationError) -> str:
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "spec"
+    where = ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown field"
     extra = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{where}: {message}{extra}"
+    # Checks across sections name their fields in the message.
+    return f"{where}: {message}{extra}" if where else f"{message}{extra}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -380,17 +447,19 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | None = None
         base = path.resolve().parent
     raw = apply_overrides(raw, overrides or [])
     try:
-        spec = JobSpec.model_validate(raw)
+        spec = JobSpec.model_validate(raw, context={"base": base})
     except ValidationError as error:
         raise SpecError(_format_error(error)) from None
     return resolve_paths(spec, base)
 
 
 def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
-    for field in ("train_file", "dev_file"):
-        value = getattr(spec.data, field)
+    sections = [(spec.data, "train_file"), (spec.data, "dev_file")]
+    sections += [(settings, "config_file") for settings in (spec.deepspeed, *(getattr(spec, stage).deepspeed for stage in TRAINING_STAGES)) if settings is not None]
+    for section, field in sections:
+        value = getattr(section, field)
         if value is not None and not Path(value).expanduser().is_absolute():
-            setattr(spec.data, field, str((base / value).resolve()))
+            setattr(section, field, str((base / value).resolve()))
     return spec
 
 

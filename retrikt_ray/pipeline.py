@@ -20,7 +20,7 @@ from .artifacts import (
     stage_hash,
     write_job_file,
 )
-from .config import JobSpec, SpecError
+from .config import TRAINING_STAGES, JobSpec, SpecError
 from .stages import evaluate, generate, ppo, prompt, store, student
 
 STAGES = (prompt, ppo, generate, store, student, evaluate)
@@ -57,6 +57,8 @@ def plan(spec: JobSpec, run_dir: Path) -> list[StageRun]:
     for module in STAGES:
         inputs = {name: hashes[name] for name in module.INPUTS}
         files = ([train] if module.NAME in _TRAIN_FILE_STAGES else []) + ([dev] if module.NAME in _DEV_FILE_STAGES else [])
+        if module.NAME in TRAINING_STAGES and spec.deepspeed_for(module.NAME).config_file is not None:
+            files.append(Path(spec.deepspeed_for(module.NAME).config_file))
         hashes[module.NAME] = stage_hash(spec, module.CONFIG_KEYS, inputs, files)
         runs.append(
             StageRun(

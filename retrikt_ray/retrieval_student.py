@@ -114,7 +114,8 @@ class RetrievalStudent(torch.nn.Module):
 
     # ------------------------------------------------------------------------------- prediction
     def head_probs(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.head(z), dim=-1)
+        # The head may be bf16/fp16 (DeepSpeed training precision); probabilities are float32.
+        return torch.softmax(self.head(z.to(self.head.weight.dtype)).float(), dim=-1)
 
     def retrieval_probs(
         self, z: torch.Tensor, store: KnowledgeStore, exclude: np.ndarray | None = None

@@ -1,20 +1,32 @@
-"""What every Ray Train stage shares: launching a TorchTrainer, the optimiser (DeepSpeed when the spec
-gives a config), data sharding by rank, and handing a worker's output files back to the stage folder.
+"""What every Ray Train stage shares: launching a TorchTrainer with fault tolerance, the DeepSpeed
+engine of the stage's trainable parameters, checkpoints that a restarted worker group resumes from,
+data sharding by rank, and handing rank 0's output files back to the stage folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import torch
 
 from .config import JobSpec, ResourcesSpec
 
+if TYPE_CHECKING:
+    from .artifacts import StageRun
+
 OUTPUTS_METRICS = "train_metrics.json"
+TRAIN_STORAGE = "_ray_train"
+# DeepSpeed's checkpoint tag inside a Ray checkpoint folder, and each rank's loop state beside it.
+ENGINE_TAG = "engine"
+LOOP_STATE = "loop_state_rank{rank}.pt"
 
 
 def set_threads(resources: ResourcesSpec, cpus: float) -> None:
@@ -22,60 +34,90 @@ def set_threads(resources: ResourcesSpec, cpus: float) -> None:
     torch.set_num_threads(resources.torch_threads or max(1, int(round(cpus))))
 
 
-def fit(loop: Callable[[dict], None], loop_config: dict, spec: JobSpec, stage_dir: Path) -> dict[str, Any]:
-    """Run `loop` in a TorchTrainer; copy the files rank 0 reported into stage_dir; return its metrics."""
-    from ray.train import RunConfig, ScalingConfig
+def worker_spec(config: dict) -> JobSpec:
+    """The job spec inside a worker (files it names were read on the driver; this node may lack them)."""
+    return JobSpec.model_validate(config["spec"], context={"in_worker": True})
+
+
+def deepspeed_config(spec: JobSpec, stage: str, batch_size: int) -> dict:
+    """The complete DeepSpeed config of a training stage, built on the driver from its settings.
+
+    `batch_size` is the stage's examples per worker per step, the micro-batch unless one is set.
+    """
+    settings = spec.deepspeed_for(stage)
+    if settings.config_file is not None:
+        config = json.loads(Path(settings.config_file).expanduser().read_text())
+    else:
+        offload = settings.offload_optimizer
+        zero: dict[str, Any] = {"stage": settings.zero_stage}
+        if offload:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if settings.offload_parameters:
+            zero["offload_param"] = {"device": "cpu"}
+        config = {
+            # Learning rates and weight decay come with each parameter group.
+            "optimizer": {"type": "AdamW", "params": {"torch_adam": not offload}},
+            "zero_optimization": zero,
+            "bf16": {"enabled": settings.precision == "bf16"},
+            "fp16": {"enabled": settings.precision == "fp16"},
+            "steps_per_print": 1_000_000_000,
+        }
+        config["train_micro_batch_size_per_gpu"] = settings.micro_batch_size or batch_size
+        config["gradient_accumulation_steps"] = settings.gradient_accumulation_steps
+    config.setdefault("train_micro_batch_size_per_gpu", batch_size)
+    config.setdefault("gradient_accumulation_steps", 1)
+    config.setdefault(
+        "train_batch_size",
+        config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * spec.resources.num_workers,
+    )
+    return config
+
+
+def fit(loop: Callable[[dict], None], loop_config: dict, spec: JobSpec, stage: StageRun, batch_size: int) -> dict[str, Any]:
+    """Run `loop` in a TorchTrainer; copy the files rank 0 reported into the stage folder; return its metrics.
+
+    The run's Ray storage is `<stage>/_ray_train/<stage hash>`: a re-run of an interrupted stage with the same
+    inputs finds its checkpoints there (Ray Train restores the run) and resumes; it is removed when done.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage = Path(stage_dir).resolve() / "_ray_train"
+    storage = stage.dir.resolve() / TRAIN_STORAGE
     resources = spec.resources
     trainer = TorchTrainer(
         loop,
-        train_loop_config={**loop_config, "spec": spec.model_dump(mode="json")},
+        train_loop_config={
+            **loop_config,
+            "spec": spec.model_dump(mode="json"),
+            "deepspeed": deepspeed_config(spec, stage.name, batch_size),
+        },
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
             resources_per_worker={"CPU": resources.cpus_per_worker},
             placement_strategy=resources.placement.upper(),
         ),
-        run_config=RunConfig(name=Path(stage_dir).name, storage_path=str(storage)),
+        run_config=RunConfig(
+            name=stage.stage_hash,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=resources.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"{Path(stage_dir).name}: training ended without reporting its outputs")
+        raise RuntimeError(f"{stage.name}: training ended without reporting its outputs")
     with result.checkpoint.as_directory() as outputs:
+        if not (Path(outputs) / OUTPUTS_METRICS).exists():
+            raise RuntimeError(f"{stage.name}: training ended without reporting its outputs")
         for path in Path(outputs).iterdir():
-            target = Path(stage_dir) / path.name
+            target = stage.dir / path.name
             if path.is_dir():
                 shutil.copytree(path, target, dirs_exist_ok=True)
             else:
                 shutil.copy2(path, target)
     shutil.rmtree(storage, ignore_errors=True)
-    return json.loads((Path(stage_dir) / OUTPUTS_METRICS).read_text())
-
-
-def report_outputs(metrics: dict[str, Any], write: Callable[[Path], None]) -> None:
-    """Called by every rank at the end of a loop: rank 0 writes its files via `write(folder)`.
-
-    The metrics gain `worker_nodes`: the Ray node id of every rank, in rank order (where the work ran).
-    """
-    import ray
-    import ray.train
-
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    node = ray.get_runtime_context().get_node_id()
-    worker_nodes = [node] * world
-    if world > 1:
-        torch.distributed.all_gather_object(worker_nodes, node)
-    metrics = {**metrics, "worker_nodes": worker_nodes}
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if rank == 0:
-            write(Path(folder))
-            (Path(folder) / OUTPUTS_METRICS).write_text(json.dumps(metrics, indent=2, default=float))
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report({key: value for key, value in metrics.items() if isinstance(value, (int, float))}, checkpoint=checkpoint)
+    return json.loads((stage.dir / OUTPUTS_METRICS).read_text())
 
 
 def worker_context() -> tuple[int, int, torch.device]:
@@ -93,49 +135,154 @@ def shard(items: list, rank: int, world: int) -> list:
 
 
 class Optimiser:
-    """AdamW over the trainable parameters, through DeepSpeed when a config is given.
+    """The stage's trainable parameters under a DeepSpeed engine (ZeRO stage, precision, accumulation).
 
-    `model` is returned wrapped (DDP or DeepSpeed engine) for the forward passes that must sync
-    gradients; with one worker and no DeepSpeed it is the model itself.
+    `model` is the engine: call it for the forward passes whose gradients are reduced across workers.
+    `micro_batch_size` is what the loop feeds per step.
     """
 
-    def __init__(self, model: torch.nn.Module, param_groups: list[dict], deepspeed_config, batch_size: int, world: int):
-        self.engine = None
-        if deepspeed_config:
-            import deepspeed
+    def __init__(self, model: torch.nn.Module, param_groups: list[dict], config: dict):
+        import deepspeed
 
-            config = _deepspeed_config(deepspeed_config, batch_size, world)
-            # DeepSpeed builds the optimizer its config names; else ours is handed to it.
-            optimizer = None if "optimizer" in config else torch.optim.AdamW(param_groups)
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, model_parameters=param_groups if optimizer is None else None, config=config
-            )
-            self.model = self.engine
-        else:
-            self.optimizer = torch.optim.AdamW(param_groups)
-            self.model = model
-            if world > 1:
-                from ray.train.torch import prepare_model
-
-                # Encoders carry parameters mean pooling never uses (BERT's pooler): DDP must expect them gradient-free.
-                self.model = prepare_model(model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True})
+        config = dict(config)
+        self.micro_batch_size = int(config["train_micro_batch_size_per_gpu"])
+        self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
+        self.trainable = [parameter for group in param_groups for parameter in group["params"]]
+        # A config file without an optimizer: ours (AdamW over the groups) is handed to DeepSpeed.
+        optimizer = None
+        if "optimizer" not in config:
+            optimizer = torch.optim.AdamW(param_groups)
+            config["zero_allow_untested_optimizer"] = True
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            model_parameters=param_groups if optimizer is None else None,
+            config=config,
+        )
+        self.model = self.engine
 
     def step(self, loss: torch.Tensor) -> None:
-        if self.engine is not None:
-            self.engine.backward(loss)
-            self.engine.step()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+        """Backward and (at an accumulation boundary) an optimizer step."""
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def gathered(self, parameters: list[torch.nn.Parameter] | None = None):
+        """Context in which the parameters (default: the trainable ones) are whole on every rank.
+
+        Only ZeRO-3 partitions parameters; use it wherever they are read outside a forward pass.
+        """
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(parameters if parameters is not None else self.trainable)
+
+    def trainable_digest(self) -> str:
+        """sha256 of the trainable parameters' bytes: equal on every rank when they are in sync."""
+        digest = hashlib.sha256()
+        with self.gathered():
+            for parameter in self.trainable:
+                digest.update(parameter.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
 
-def _deepspeed_config(config, batch_size: int, world: int) -> dict:
-    loaded = json.loads(Path(config).expanduser().read_text()) if isinstance(config, str) else dict(config)
-    loaded.setdefault("train_micro_batch_size_per_gpu", batch_size)
-    loaded.setdefault("gradient_accumulation_steps", 1)
-    loaded.setdefault(
-        "train_batch_size",
-        loaded["train_micro_batch_size_per_gpu"] * loaded["gradient_accumulation_steps"] * world,
-    )
-    return loaded
+class Checkpoints:
+    """Periodic checkpoints of a training loop through `ray.train.report`, and resuming from them.
+
+    A checkpoint holds the DeepSpeed engine's state (trainable parameters, optimizer, ZeRO partitions)
+    and, per rank, the loop's state (data position, history) and the RNG states. After a worker
+    failure (FailureConfig) or an interrupted run, `restore` returns the loop state to continue from.
+    """
+
+    def __init__(self, optimiser: Optimiser, every: int | None, rank: int, world: int):
+        self.optimiser, self.every, self.rank, self.world = optimiser, every, rank, world
+        self.resumed_from: int | None = None
+
+    def restore(self) -> dict | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            state_file = Path(folder) / LOOP_STATE.format(rank=self.rank)
+            if not state_file.exists():  # the final outputs, not a training state
+                return None
+            self.optimiser.engine.load_checkpoint(folder, tag=ENGINE_TAG, load_module_strict=False)
+            saved = torch.load(state_file, weights_only=False)
+        torch.set_rng_state(saved["torch_rng"])
+        random.setstate(saved["python_rng"])
+        np.random.set_state(saved["numpy_rng"])
+        if torch.cuda.is_available() and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        self.resumed_from = saved["position"]
+        return saved["loop"]
+
+    def due(self, position: int) -> bool:
+        """Whether to checkpoint after `position` steps (or updates) in all; never inside a gradient
+        accumulation, whose partial gradients a checkpoint does not hold."""
+        engine = self.optimiser.engine
+        at_boundary = engine.micro_steps % engine.gradient_accumulation_steps() == 0
+        return bool(self.every) and position % self.every == 0 and at_boundary
+
+    def save(self, position: int, loop_state: dict, metrics: dict[str, float]) -> None:
+        """Every rank calls this at the same position; Ray Train merges the ranks' files into one checkpoint."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.optimiser.engine.save_checkpoint(folder, tag=ENGINE_TAG)
+            torch.save(
+                {
+                    "position": position,
+                    "loop": loop_state,
+                    "torch_rng": torch.get_rng_state(),
+                    "python_rng": random.getstate(),
+                    "numpy_rng": np.random.get_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                },
+                Path(folder) / LOOP_STATE.format(rank=self.rank),
+            )
+            ray.train.report({**metrics, "position": position}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def report_outputs(metrics: dict[str, Any], write: Callable[[Path], None], optimiser: Optimiser, seen: list) -> None:
+    """Called by every rank at the end of a loop: rank 0 writes its files via `write(folder)`.
+
+    The metrics gain, gathered from all ranks in rank order: `worker_nodes` (the Ray node of each rank),
+    `weights_digest` (a digest of each rank's trainable parameters: all equal when in sync), `items_seen`
+    (how many distinct data items each rank trained on, from `seen`) and `items_shared` (items that more
+    than one rank saw: 0 when the data was split). `write` runs with the trainable parameters gathered.
+    """
+    import ray
+    import ray.train
+
+    rank, world, _ = worker_context()
+    mine = {
+        "node": ray.get_runtime_context().get_node_id(),
+        "digest": optimiser.trainable_digest(),
+        "seen": sorted({str(item) for item in seen}),
+    }
+    everyone = [mine] * world
+    if world > 1:
+        torch.distributed.all_gather_object(everyone, mine)
+    counts: dict[str, int] = {}
+    for entry in everyone:
+        for item in entry["seen"]:
+            counts[item] = counts.get(item, 0) + 1
+    metrics = {
+        **metrics,
+        "workers": world,
+        "worker_nodes": [entry["node"] for entry in everyone],
+        "weights_digest": [entry["digest"] for entry in everyone],
+        "items_seen": [len(entry["seen"]) for entry in everyone],
+        "items_shared": sum(1 for count in counts.values() if count > 1),
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        with optimiser.gathered():
+            if rank == 0:
+                write(Path(folder))
+        if rank == 0:
+            (Path(folder) / OUTPUTS_METRICS).write_text(json.dumps(metrics, indent=2, default=float))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report({key: value for key, value in metrics.items() if isinstance(value, (int, float))}, checkpoint=checkpoint)

@@ -57,3 +57,23 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     student.save_pretrained(root / "student")
     student_tokenizer.save_pretrained(root / "student")
     return {"teacher": str(root / "teacher"), "student": str(root / "student")}
+
+
+@pytest.fixture(scope="session")
+def sst2_run(ray_local, tiny_models, tmp_path_factory):
+    """The tiny SST-2 pipeline, run once per session and shared by the stage tests and the DeepSpeed
+    tests: 2 Ray Train workers under DeepSpeed ZeRO-2, checkpointing every few steps."""
+    from test_stages import run_logged, tiny_spec
+
+    spec = tiny_spec(tiny_models, tmp_path_factory.mktemp("runs"))
+    spec.deepspeed.zero_stage = 2
+    spec.resources.num_workers = 2
+    spec.resources.cpus_per_worker = 0.5
+    spec.resources.checkpoint_every_steps = 4
+    spec.resources.checkpoint_every_updates = 1
+    spec.ppo.updates = 3
+    spec.ppo.lr = 0.05
+    # Long enough (20 steps) for the fault test to kill a worker between checkpoints.
+    spec.student.epochs = 20
+    run_dir, _ = run_logged(spec)
+    return spec, run_dir

@@ -8,12 +8,12 @@ import json
 import os
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
 import ray.autoscaler
+import tomllib
 import yaml
 
 from retrikt_ray import serve

@@ -1,6 +1,6 @@
 """Every stage on tiny 2-layer models through the real pipeline and real Ray (Train and Data).
 
-One SST-2 pipeline run is shared by the per-stage tests; further tests check a choice task (COPA),
+One SST-2 pipeline run (conftest's `sst2_run`: 2 workers, ZeRO-2) is shared by the per-stage tests; further tests check a choice task (COPA),
 skipping, partial re-runs, reuse and generation resume.
 """
 
@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pandas as pd
-import pytest
 from safetensors.torch import load_file
 
 from retrikt_ray import pipeline
@@ -43,13 +42,6 @@ def run_logged(spec, **kwargs):
     lines = []
     run_dir = pipeline.run(spec, log=lines.append, **kwargs)
     return run_dir, lines
-
-
-@pytest.fixture(scope="module")
-def sst2_run(ray_local, tiny_models, tmp_path_factory):
-    spec = tiny_spec(tiny_models, tmp_path_factory.mktemp("runs"))
-    run_dir, _ = run_logged(spec)
-    return spec, run_dir
 
 
 def manifest(run_dir, stage):
@@ -198,12 +190,3 @@ def test_force_redoes_a_finished_stage(sst2_run):
     assert len(lines) == 1 and "skipped" not in lines[0] and "reused" not in lines[0]
     assert manifest(run_dir, "store")["stage_hash"] == pipeline.plan(spec, run_dir)[3].stage_hash
     assert before <= manifest(run_dir, "store")["finished_at"]
-
-
-def test_prompt_stage_trains_through_deepspeed_when_configured(ray_local, tiny_models, tmp_path):
-    spec = tiny_spec(tiny_models, tmp_path)
-    spec.prompt.deepspeed = {"zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "torch_adam": True}}}
-    run_dir, lines = run_logged(spec, only="prompt")
-    losses = manifest(run_dir, "prompt")["metrics"]["loss_per_epoch"]
-    assert len(losses) == 3 and losses[-1] < losses[0]
-    assert manifest(run_dir, "prompt")["metrics"]["deepspeed"] is True

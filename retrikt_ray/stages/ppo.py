@@ -33,6 +33,7 @@ CONFIG_KEYS = (
     "generate.min_words",
     "generate.max_words",
     "ppo",
+    "deepspeed",
 )
 # log p_C is floored so that a valid but off-label sample never scores below a malformed one.
 CONSISTENCY_FLOOR = 1e-2
@@ -51,7 +52,7 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         shutil.copy2(initial, stage.dir / SOFT_PROMPT)
         return StageResult(metrics={"enabled": False}, summary="PPO off: the stage-1 prompt is used as is")
     prompt = load_file(str(initial))["soft_prompt"]
-    metrics = fit(train_loop, {"initial_prompt": prompt.tolist()}, spec, stage.dir)
+    metrics = fit(train_loop, {"initial_prompt": prompt.tolist()}, spec, stage, spec.ppo.minibatch_size)
     plot_curves(metrics["history"], stage.dir / "ppo_curves.png")
     before, after = metrics["before"], metrics["after"]
     return StageResult(
@@ -77,7 +78,7 @@ class PromptPolicy(torch.nn.Module):
 
     def forward(self, teacher, label: int, token_ids: torch.Tensor):
         logprobs, hidden = teacher.continuation_outputs(label, token_ids, self.soft_prompt)
-        return logprobs, self.value_head(hidden.float()).squeeze(-1)
+        return logprobs, self.value_head(hidden.to(self.value_head.weight.dtype)).float().squeeze(-1)
 
 
 class RewardModel:
@@ -155,9 +156,9 @@ def train_loop(config: dict) -> None:
     from ..retrieval_student import RetrievalStudent
     from ..rl import approx_kl, gae, policy_loss, token_rewards, value_loss, whiten
     from ..teacher import Teacher
-    from ..training import Optimiser, report_outputs, set_threads, worker_context
+    from ..training import Checkpoints, Optimiser, report_outputs, set_threads, worker_context, worker_spec
 
-    spec = JobSpec.model_validate(config["spec"])
+    spec = worker_spec(config)
     settings = spec.ppo
     set_threads(spec.resources, spec.resources.cpus_per_worker)
     rank, world, device = worker_context()
@@ -173,12 +174,15 @@ def train_loop(config: dict) -> None:
     rewards = RewardModel(spec, teacher, task, encoder, reference_mean)
     reference_prompt = torch.tensor(config["initial_prompt"], device=device)
     policy = PromptPolicy(reference_prompt).to(device)
-    optimiser = Optimiser(policy, [{"params": list(policy.parameters()), "lr": settings.lr}], settings.deepspeed, settings.minibatch_size, world)
-    # Each rank draws its own rollouts (different seeds): the data-parallel split of PPO's data.
+    optimiser = Optimiser(policy, [{"params": list(policy.parameters()), "lr": settings.lr}], config["deepspeed"])
+    checkpoints = Checkpoints(optimiser, spec.resources.checkpoint_every_updates, rank, world)
+    minibatch_size = optimiser.micro_batch_size
+    # Each rank draws its own share of the rollouts (its own seeds): the data-parallel split of PPO's data.
     per_label = max(1, settings.rollouts_per_update // (task.num_labels * world))
 
     def collect(update: int):
-        teacher.soft_prompt = policy.soft_prompt.detach()
+        with optimiser.gathered():
+            teacher.soft_prompt = policy.soft_prompt.detach().clone()
         groups, scores, texts = [], [], []
         for label in range(task.num_labels):
             seed = 1_000_003 * (update + 1) + 101 * label + rank
@@ -188,10 +192,14 @@ def train_loop(config: dict) -> None:
             texts.extend(samples.texts)
         return groups, scores, texts
 
-    history = []
-    bar = tqdm(total=settings.updates, desc="ppo", disable=rank != 0)
-    for update in range(settings.updates):
+    history, seen, start = [], set(), 0
+    resumed = checkpoints.restore()
+    if resumed is not None:
+        history, seen, rewards.bank, start = resumed["history"], resumed["seen"], resumed["bank"], checkpoints.resumed_from
+    bar = tqdm(total=settings.updates, initial=start, desc="ppo", disable=rank != 0)
+    for update in range(start, settings.updates):
         groups, scores, texts = collect(update)
+        seen.update(texts)
         batches, kls = [], []
         with torch.no_grad():
             for samples, score in zip(groups, scores):
@@ -202,20 +210,30 @@ def train_loop(config: dict) -> None:
                 advantages, returns = gae(per_token, old_values, mask, settings.discount, settings.gae_lambda)
                 batches.append((samples.label, ids, mask, old_logprobs, old_values, whiten(advantages, mask), returns))
                 kls.append(approx_kl(old_logprobs, ref_logprobs, mask).item())
-        clip_fractions = []
+        clip_fractions, policy_losses, value_losses = [], [], []
         for _ in range(settings.ppo_epochs):
             for label, ids, mask, old_logprobs, old_values, advantages, returns in batches:
-                for start in range(0, len(ids), settings.minibatch_size):
-                    part = slice(start, start + settings.minibatch_size)
+                for first in range(0, len(ids), minibatch_size):
+                    part = slice(first, first + minibatch_size)
                     logprobs, values = optimiser.model(teacher, label, ids[part])
                     loss_pg, clipped = policy_loss(logprobs, old_logprobs[part], advantages[part], mask[part], settings.clip_eps)
                     loss_v = value_loss(values, old_values[part], returns[part], mask[part], settings.value_clip)
                     optimiser.step(loss_pg + settings.value_coef * loss_v)
                     clip_fractions.append(clipped.item())
-        entry = {"update": update, **rollout_summary(scores, texts, float(np.mean(kls))), "clip_fraction": float(np.mean(clip_fractions))}
+                    policy_losses.append(loss_pg.item())
+                    value_losses.append(loss_v.item())
+        entry = {
+            "update": update,
+            **rollout_summary(scores, texts, float(np.mean(kls))),
+            "clip_fraction": float(np.mean(clip_fractions)),
+            "policy_loss": float(np.mean(policy_losses)),
+            "value_loss": float(np.mean(value_losses)),
+        }
         history.append(entry)
         bar.update(1)
         bar.set_postfix(reward=f"{entry['reward']:.2f}", consistency=f"{entry['consistency_rate']:.2f}")
+        if checkpoints.due(update + 1):
+            checkpoints.save(update + 1, {"history": history, "seen": seen, "bank": rewards.bank}, {"reward": entry["reward"]})
     bar.close()
 
     # The first update's rollouts came from the stage-1 prompt: that is "before". "After" is a fresh
@@ -225,7 +243,7 @@ def train_loop(config: dict) -> None:
 
     def write(folder: Path) -> None:
         save_file({"soft_prompt": policy.soft_prompt.detach().float().cpu().contiguous()}, str(folder / SOFT_PROMPT))
-        save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()}, str(folder / "value_head.safetensors"))
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in policy.value_head.state_dict().items()}, str(folder / "value_head.safetensors"))
 
     report_outputs(
         {
@@ -233,9 +251,12 @@ def train_loop(config: dict) -> None:
             "before": history[0],
             "after": after,
             "rollouts": settings.updates * per_label * task.num_labels * world,
-            "workers": world,
+            "updates": settings.updates,
+            "resumed_from_update": checkpoints.resumed_from,
         },
         write,
+        optimiser,
+        seen,
     )
 
 

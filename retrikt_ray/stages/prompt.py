@@ -1,7 +1,7 @@
 """Stage 1: tune a soft prompt P in front of the frozen teacher on the few labelled examples.
 
 Loss: mean token NLL of each example's text given `[P] Task: <description>. Label: <v(y)>. Text:`.
-Only P is trained (PEFT prompt tuning), inside a Ray Train TorchTrainer; DeepSpeed when configured.
+Only P is trained (PEFT prompt tuning), by a DeepSpeed engine in Ray Train workers, with checkpoints.
 Outputs: `soft_prompt.safetensors` (m x hidden), the PEFT adapter, and the loss per epoch.
 """
 
@@ -19,13 +19,13 @@ from ..tasks import load_few_shot
 
 NAME = "prompt"
 INPUTS: tuple[str, ...] = ()
-CONFIG_KEYS = ("task", "data.train_file", "data.shots", "data.seed", "teacher.model", "teacher.dtype", "prompt")
+CONFIG_KEYS = ("task", "data.train_file", "data.shots", "data.seed", "teacher.model", "teacher.dtype", "prompt", "deepspeed")
 
 
 def run(spec: JobSpec, stage: StageRun) -> StageResult:
     from ..training import fit
 
-    metrics = fit(train_loop, {}, spec, stage.dir)
+    metrics = fit(train_loop, {}, spec, stage, spec.prompt.batch_size)
     losses = metrics["loss_per_epoch"]
     return StageResult(
         metrics=metrics,
@@ -66,9 +66,9 @@ def train_loop(config: dict) -> None:
     from tqdm import tqdm
 
     from ..models import load_teacher, teacher_path
-    from ..training import Optimiser, report_outputs, set_threads, shard, worker_context
+    from ..training import Checkpoints, Optimiser, report_outputs, set_threads, shard, worker_context, worker_spec
 
-    spec = JobSpec.model_validate(config["spec"])
+    spec = worker_spec(config)
     set_threads(spec.resources, spec.resources.cpus_per_worker)
     rank, world, device = worker_context()
     settings = spec.prompt
@@ -84,25 +84,39 @@ def train_loop(config: dict) -> None:
     )
     model = get_peft_model(model, peft_config).to(device)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimiser = Optimiser(model, [{"params": trainable, "lr": settings.lr}], settings.deepspeed, settings.batch_size, world)
+    optimiser = Optimiser(model, [{"params": trainable, "lr": settings.lr}], config["deepspeed"])
+    checkpoints = Checkpoints(optimiser, spec.resources.checkpoint_every_steps, rank, world)
+    batch_size = optimiser.micro_batch_size
 
-    items = shard(training_items(task, few_shot, tokenizer, settings.max_length), rank, world)
+    items = training_items(task, few_shot, tokenizer, settings.max_length)
+    mine = shard(list(range(len(items))), rank, world)
     # Every rank takes the same number of steps, or the gradient all-reduce would wait forever.
-    steps = math.ceil(len(few_shot) / (settings.batch_size * world))
+    steps = math.ceil(len(few_shot) / (batch_size * world))
     order = random.Random(spec.data.seed + rank)
-    losses = []
-    bar = tqdm(total=settings.epochs * steps, desc="prompt tuning", disable=rank != 0)
-    for _ in range(settings.epochs):
-        order.shuffle(items)
-        epoch_loss = 0.0
-        for step in range(steps):
-            batch = [items[(step * settings.batch_size + i) % len(items)] for i in range(settings.batch_size)]
-            loss = optimiser.model(**collate(batch, tokenizer.pad_token_id, device)).loss
-            optimiser.step(loss)
-            epoch_loss += loss.item() / steps
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        losses.append(epoch_loss)
+    losses, epoch_loss, seen, position = [], 0.0, set(), 0
+    resumed = checkpoints.restore()
+    if resumed is not None:
+        mine, losses, epoch_loss, seen, position = resumed["mine"], resumed["losses"], resumed["epoch_loss"], resumed["seen"], checkpoints.resumed_from
+        order.setstate(resumed["order"])
+    bar = tqdm(total=settings.epochs * steps, initial=position, desc="prompt tuning", disable=rank != 0)
+    while position < settings.epochs * steps:
+        step = position % steps
+        if step == 0:
+            order.shuffle(mine)
+            epoch_loss = 0.0
+        chosen = [mine[(step * batch_size + i) % len(mine)] for i in range(batch_size)]
+        seen.update(chosen)
+        loss = optimiser.model(**collate([items[i] for i in chosen], tokenizer.pad_token_id, device)).loss
+        optimiser.step(loss)
+        epoch_loss += loss.item() / steps
+        position += 1
+        if position % steps == 0:
+            losses.append(epoch_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if checkpoints.due(position):
+            state = {"mine": mine, "losses": losses, "epoch_loss": epoch_loss, "seen": seen, "order": order.getstate()}
+            checkpoints.save(position, state, {"loss": loss.item()})
     bar.close()
 
     def write(folder: Path) -> None:
@@ -110,4 +124,5 @@ def train_loop(config: dict) -> None:
         save_file({"soft_prompt": prompt}, str(folder / "soft_prompt.safetensors"))
         model.save_pretrained(str(folder / "adapter"))
 
-    report_outputs({"loss_per_epoch": losses, "examples": len(few_shot), "workers": world, "deepspeed": optimiser.engine is not None}, write)
+    metrics = {"loss_per_epoch": losses, "examples": len(few_shot), "steps": position, "resumed_from_step": checkpoints.resumed_from}
+    report_outputs(metrics, write, optimiser, seen)

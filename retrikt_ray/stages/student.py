@@ -21,13 +21,13 @@ from ..tasks import load_few_shot
 
 NAME = "student"
 INPUTS = ("store",)
-CONFIG_KEYS = ("task", "data.train_file", "data.shots", "data.seed", "student")
+CONFIG_KEYS = ("task", "data.train_file", "data.shots", "data.seed", "student", "deepspeed")
 
 
 def run(spec: JobSpec, stage: StageRun) -> StageResult:
     from ..training import fit
 
-    metrics = fit(train_loop, {"store_dir": str(stage.inputs["store"].resolve())}, spec, stage.dir)
+    metrics = fit(train_loop, {"store_dir": str(stage.inputs["store"].resolve())}, spec, stage, spec.student.batch_size)
     history = metrics["history"]
     last = history[-1] if history else {}
     return StageResult(
@@ -58,9 +58,9 @@ def train_loop(config: dict) -> None:
 
     from ..knowledge_store import KnowledgeStore
     from ..retrieval_student import RetrievalStudent, ce_loss, encoder_fingerprint, kd_loss, rank_loss
-    from ..training import Optimiser, report_outputs, set_threads, shard, worker_context
+    from ..training import Checkpoints, Optimiser, report_outputs, set_threads, shard, worker_context, worker_spec
 
-    spec = JobSpec.model_validate(config["spec"])
+    spec = worker_spec(config)
     settings = spec.student
     set_threads(spec.resources, spec.resources.cpus_per_worker)
     rank, world, device = worker_context()
@@ -76,38 +76,66 @@ def train_loop(config: dict) -> None:
         {"params": [p for p in student.parameters() if id(p) not in head_ids], "lr": settings.lr, "weight_decay": settings.weight_decay},
         {"params": head, "lr": settings.head_lr, "weight_decay": 0.0},
     ]
-    optimiser = Optimiser(StudentStep(student), groups, settings.deepspeed, settings.batch_size, world)
+    optimiser = Optimiser(StudentStep(student), groups, config["deepspeed"])
+    checkpoints = Checkpoints(optimiser, spec.resources.checkpoint_every_steps, rank, world)
+    batch_size = optimiser.micro_batch_size
 
     soft = torch.from_numpy(store.soft_labels).to(device)
     states = torch.from_numpy(store.teacher_states).to(device) if store.teacher_states is not None else None
     generator = np.random.default_rng(settings.seed)
-    steps = math.ceil(len(store.inputs) / (settings.batch_size * world))
-    history = []
-    bar = tqdm(total=settings.epochs * steps, desc="student", disable=rank != 0)
-    for epoch in range(settings.epochs):
-        student.train()
-        # Same permutation on every rank (same seed), then each rank takes its own slice of it.
-        mine = shard(list(generator.permutation(len(store.inputs))), rank, world)
-        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "rank": 0.0}
-        for step in range(steps):
-            ids = np.array([mine[(step * settings.batch_size + i) % len(mine)] for i in range(settings.batch_size)])
-            gold = generator.choice(len(gold_inputs), size=min(settings.gold_per_batch, len(gold_inputs)), replace=False) if settings.gold_per_batch and settings.a > 0 else []
-            z, out, gold_out = optimiser.model(store, [store.inputs[i] for i in ids], ids, [gold_inputs[i] for i in gold])
-            l_kd = kd_loss(soft[ids], out["p"])
-            l_ce = ce_loss(torch.tensor([gold_targets[i] for i in gold], device=device), gold_out["p"]) if gold_out is not None else z.new_zeros(())
-            l_rank = rank_loss(states[ids], z, settings.tau_teacher, settings.tau_student) if states is not None and settings.b > 0 else z.new_zeros(())
-            loss = l_kd + settings.a * l_ce + settings.b * l_rank
-            optimiser.step(loss)
-            for key, value in (("loss", loss), ("kd", l_kd), ("ce", l_ce), ("rank", l_rank)):
-                totals[key] += value.item() / steps
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        store = store.with_keys(student.embed_all(store.inputs, batch_size=spec.store.encode_batch_size), encoder_fingerprint(student.encoder))
-        history.append({"epoch": epoch, **totals})
+    steps = math.ceil(len(store.inputs) / (batch_size * world))
+    history, totals, mine, seen, position = [], {}, [], set(), 0
+    resumed = checkpoints.restore()
+    if resumed is not None:
+        history, totals, mine, seen = resumed["history"], resumed["totals"], resumed["mine"], resumed["seen"]
+        generator.bit_generator.state = resumed["generator"]
+        if resumed["keys"] is not None:  # keys re-encoded at the end of the last finished epoch
+            store = store.with_keys(*resumed["keys"])
+        position = checkpoints.resumed_from
+    bar = tqdm(total=settings.epochs * steps, initial=position, desc="student", disable=rank != 0)
+    student.train()
+    while position < settings.epochs * steps:
+        epoch, step = divmod(position, steps)
+        if step == 0:
+            # Same permutation on every rank (same seed), then each rank takes its own slice of it.
+            mine = shard(list(generator.permutation(len(store.inputs))), rank, world)
+            totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "rank": 0.0}
+        ids = np.array([mine[(step * batch_size + i) % len(mine)] for i in range(batch_size)])
+        if epoch == 0:  # one pass: each rank's slice of the permutation
+            seen.update(int(i) for i in ids)
+        gold = generator.choice(len(gold_inputs), size=min(settings.gold_per_batch, len(gold_inputs)), replace=False) if settings.gold_per_batch and settings.a > 0 else []
+        z, out, gold_out = optimiser.model(store, [store.inputs[i] for i in ids], ids, [gold_inputs[i] for i in gold])
+        l_kd = kd_loss(soft[ids], out["p"])
+        l_ce = ce_loss(torch.tensor([gold_targets[i] for i in gold], device=device), gold_out["p"]) if gold_out is not None else z.new_zeros(())
+        l_rank = rank_loss(states[ids], z, settings.tau_teacher, settings.tau_student) if states is not None and settings.b > 0 else z.new_zeros(())
+        loss = l_kd + settings.a * l_ce + settings.b * l_rank
+        optimiser.step(loss)
+        for key, value in (("loss", loss), ("kd", l_kd), ("ce", l_ce), ("rank", l_rank)):
+            totals[key] += value.item() / steps
+        position += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step == steps - 1:
+            store = store.with_keys(student.embed_all(store.inputs, batch_size=spec.store.encode_batch_size), encoder_fingerprint(student.encoder))
+            history.append({"epoch": epoch, **totals})
+        if checkpoints.due(position):
+            keys = (store.keys, store.encoder_fingerprint) if position >= steps else None
+            state = {"history": history, "totals": totals, "mine": mine, "seen": seen, "generator": generator.bit_generator.state, "keys": keys}
+            checkpoints.save(position, state, {"loss": loss.item()})
     bar.close()
 
     def write(folder: Path) -> None:
+        if student.head.weight.dtype != torch.float32:  # trained in bf16/fp16: served in float32
+            student.float()
         student.save(folder / "model")
         store.save(folder / "store")
 
-    report_outputs({"history": history, "store_rows": len(store.inputs), "gold_rows": len(gold_inputs), "workers": world}, write)
+    metrics = {
+        "history": history,
+        "store_rows": len(store.inputs),
+        "gold_rows": len(gold_inputs),
+        "steps": position,
+        "resumed_from_step": checkpoints.resumed_from,
+        "final_loss": history[-1]["loss"] if history else None,
+    }
+    report_outputs(metrics, write, optimiser, seen)

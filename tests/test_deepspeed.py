@@ -1,0 +1,148 @@
+"""DeepSpeed under Ray Train on CPU (gloo), real Ray, tiny 2-layer models.
+
+On the shared pipeline run (conftest's `sst2_run`: 2 workers, ZeRO-2) every training stage's loss falls, both ranks
+end with the same trainable weights, and each rank trained on different data. Then a worker of the
+student stage is killed by its pid and the stage resumes from its checkpoint, and a `retrikt run`
+interrupted during PPO resumes PPO at its saved update.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_stages import manifest, run_logged
+
+from retrikt_ray import pipeline
+from retrikt_ray.training import TRAIN_STORAGE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("stage", ["prompt", "ppo", "student"])
+def test_two_ranks_stay_in_sync_on_different_data(sst2_run, stage):
+    _, run_dir = sst2_run
+    metrics = manifest(run_dir, stage)["metrics"]
+    assert metrics["workers"] == 2
+    digests = metrics["weights_digest"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert metrics["items_shared"] == 0
+    assert all(count > 0 for count in metrics["items_seen"])
+    assert not (run_dir / stage / TRAIN_STORAGE).exists()
+
+
+def test_every_training_stage_lowers_its_loss_under_zero2(sst2_run):
+    _, run_dir = sst2_run
+    prompt = manifest(run_dir, "prompt")["metrics"]["loss_per_epoch"]
+    assert prompt[-1] < prompt[0]
+    student = [entry["loss"] for entry in manifest(run_dir, "student")["metrics"]["history"]]
+    assert student[-1] < student[0]
+    ppo = [entry["value_loss"] for entry in manifest(run_dir, "ppo")["metrics"]["history"]]
+    assert ppo[-1] < ppo[0]
+
+
+def test_resolved_deepspeed_config_is_recorded(sst2_run):
+    spec, run_dir = sst2_run
+    config = yaml.safe_load((run_dir / "student" / "config.yaml").read_text())
+    assert config["deepspeed"]["zero_stage"] == 2
+
+
+def train_worker_pids() -> list[int]:
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        raise_on_missing_output=False,
+    )
+    return [actor.pid for actor in actors]
+
+
+def wait_for_checkpoint(storage: Path, deadline: float) -> None:
+    """Until Ray Train has registered a checkpoint of the run (its snapshot lists one)."""
+    while time.monotonic() < deadline:
+        for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+            try:
+                if "checkpoint_" in snapshot.read_text():
+                    return
+            except OSError:
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint under {storage} in time")
+
+
+def test_killed_worker_resumes_from_checkpoint(sst2_run, tmp_path):
+    spec, run_dir = sst2_run
+    spec = spec.model_copy(deep=True)
+    spec.storage.runs_dir = str(tmp_path / "runs")
+    copy = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("student", "evaluate"))
+
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(lines=run_logged(spec, only="student")[1]))
+    runner.start()
+    try:
+        wait_for_checkpoint(copy / "student" / TRAIN_STORAGE, time.monotonic() + 300)
+        pids = train_worker_pids()
+        assert pids, "no Ray Train worker alive"
+        os.kill(pids[-1], signal.SIGKILL)
+    finally:
+        runner.join(timeout=600)
+    assert "lines" in outcome, "the student stage did not finish after the worker was killed"
+
+    resumed = manifest(copy, "student")["metrics"]
+    uninterrupted = manifest(run_dir, "student")["metrics"]
+    assert resumed["resumed_from_step"] and 0 < resumed["resumed_from_step"] < resumed["steps"]
+    assert resumed["steps"] == uninterrupted["steps"]
+    assert resumed["final_loss"] == pytest.approx(uninterrupted["final_loss"], rel=0.05, abs=0.02)
+
+
+def test_interrupted_run_resumes_ppo_at_its_saved_update(sst2_run, tmp_path):
+    """The shared run's job, with every stage but PPO copied in: `retrikt run` is stopped after PPO's
+    first checkpoint; the re-run resumes PPO there and ends with the prompt the uninterrupted run made."""
+    from safetensors.torch import load_file
+
+    spec, run_dir = sst2_run
+    job = spec.model_dump(mode="json")
+    job["storage"]["runs_dir"] = str(tmp_path / "runs")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    copy = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("ppo"))
+    command = [sys.executable, "cli.py", "run", str(path)]
+
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (copy / "ppo").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        wait_for_checkpoint(copy / "ppo" / TRAIN_STORAGE, deadline)
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode != 0
+    assert not (copy / "ppo" / "manifest.json").exists(), "PPO finished before it could be interrupted"
+
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "[prompt] finished earlier, skipped" in second.stdout
+    metrics = json.loads((copy / "ppo" / "manifest.json").read_text())["metrics"]
+    assert 1 <= metrics["resumed_from_update"] < spec.ppo.updates
+    assert [entry["update"] for entry in metrics["history"]] == list(range(spec.ppo.updates))
+    resumed = load_file(str(copy / "ppo" / "soft_prompt.safetensors"))["soft_prompt"]
+    uninterrupted = load_file(str(run_dir / "ppo" / "soft_prompt.safetensors"))["soft_prompt"]
+    assert resumed.numpy() == pytest.approx(uninterrupted.numpy(), abs=1e-5)
+    for stage in pipeline.STAGE_NAMES:
+        assert json.loads((copy / stage / "manifest.json").read_text())["status"] == "done"
+        assert f"[{stage}]" in second.stdout
+    assert not (copy / "ppo" / TRAIN_STORAGE).exists()
