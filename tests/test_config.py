@@ -42,7 +42,14 @@ def test_demo_job_is_valid():
         ("student:\n  learning_rate: 0.1\n", "student.learning_rate: unknown field"),
         ("ppo:\n  updates: many\n", "ppo.updates: Input should be a valid integer"),
         ("generate:\n  min_words: 9\n  max_words: 3\n", "generate: min_words is larger than max_words"),
-        ("prompt:\n  deepspeed: /nowhere/ds.json\n", "prompt: deepspeed: file not found: /nowhere/ds.json"),
+        ("deepspeed:\n  zero_stage: 4\n", "deepspeed.zero_stage: Input should be 0, 1, 2 or 3"),
+        ("deepspeed:\n  zero_stage: 2\n  offload_parameters: true\n", "deepspeed: offload_parameters needs zero_stage 3"),
+        ("ppo:\n  deepspeed:\n    offload_optimizer: true\n", "ppo.deepspeed: offload_optimizer needs zero_stage 1, 2 or 3"),
+        ("deepspeed:\n  zero_stage: 3\n  offload_optimizer: true\n", "deepspeed: offloading moves GPU memory to the CPU and needs resources.use_gpu: true"),
+        ("student:\n  deepspeed:\n    precision: fp16\n", "student.deepspeed.precision: fp16 needs GPUs (resources.use_gpu: true)"),
+        ("student:\n  deepspeed:\n    micro_batch_size: 1\n", "student.deepspeed.micro_batch_size: L_rank (student.b > 0) needs at least 2"),
+        ("prompt:\n  deepspeed:\n    config_file: /nowhere/ds.json\n", "prompt.deepspeed: config_file: file not found: /nowhere/ds.json"),
+        ("deepspeed:\n  config_file: ds.json\n  zero_stage: 2\n", "deepspeed: config_file is used as is: leave out zero_stage"),
         ("name: 'bad name'\n", "name: String should match pattern"),
     ],
 )
@@ -139,3 +146,38 @@ data:
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {data}:5: ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_deepspeed_settings_become_a_complete_engine_config(tmp_path):
+    from retrikt_ray.training import deepspeed_config
+
+    spec = load_spec(
+        write(tmp_path, "deepspeed: {zero_stage: 2, precision: bf16, gradient_accumulation_steps: 2}\n"
+              "student:\n  deepspeed: {zero_stage: 1, micro_batch_size: 4}\nresources: {num_workers: 2}\n")
+    )
+    prompt = deepspeed_config(spec, "prompt", batch_size=8)
+    assert prompt["zero_optimization"] == {"stage": 2} and prompt["bf16"] == {"enabled": True}
+    assert (prompt["train_micro_batch_size_per_gpu"], prompt["gradient_accumulation_steps"], prompt["train_batch_size"]) == (8, 2, 32)
+    assert prompt["optimizer"]["params"] == {"torch_adam": True}
+    student = deepspeed_config(spec, "student", batch_size=32)  # its own section replaces the shared one
+    assert student["zero_optimization"] == {"stage": 1} and student["bf16"] == {"enabled": False}
+    assert (student["train_micro_batch_size_per_gpu"], student["train_batch_size"]) == (4, 8)
+
+
+def test_deepspeed_json_file_is_used_as_is_and_hashed_by_content(tmp_path):
+    from retrikt_ray.training import deepspeed_config
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "ds.json").write_text('{"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 4}')
+    spec = load_spec(write(tmp_path / "d", "deepspeed:\n  config_file: ds.json\n"))
+    assert spec.deepspeed.config_file == str(tmp_path / "d" / "ds.json")
+    config = deepspeed_config(spec, "ppo", batch_size=8)
+    assert config["zero_optimization"] == {"stage": 3} and "optimizer" not in config
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["train_batch_size"]) == (8, 4, 32)
+    before = {stage.name: stage.stage_hash for stage in plan(spec, tmp_path)}
+    (tmp_path / "d" / "ds.json").write_text('{"zero_optimization": {"stage": 2}}')
+    after = {stage.name: stage.stage_hash for stage in plan(spec, tmp_path)}
+    assert [name for name in before if before[name] != after[name]] == ["prompt", "ppo", "generate", "store", "student", "evaluate"]
+    (tmp_path / "d" / "ds.json").write_text('{"zero_optimization": ')
+    with pytest.raises(SpecError, match=r"deepspeed: config_file: .*ds.json is not valid JSON \(line 1\)"):
+        load_spec(tmp_path / "d" / "job.yaml")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_stages import manifest, run_logged
 
@@ -146,3 +147,28 @@ def test_interrupted_run_resumes_ppo_at_its_saved_update(sst2_run, tmp_path):
         assert json.loads((copy / stage / "manifest.json").read_text())["status"] == "done"
         assert f"[{stage}]" in second.stdout
     assert not (copy / "ppo" / TRAIN_STORAGE).exists()
+
+
+def test_student_trains_under_zero3_in_bf16(sst2_run, tmp_path):
+    """ZeRO-3 partitions the student over both ranks; bf16 training, float32 outputs."""
+    from retrikt_ray.artifacts import run_dir_for
+    from retrikt_ray.config import DeepSpeedSpec
+    from retrikt_ray.knowledge_store import KnowledgeStore
+    from retrikt_ray.retrieval_student import RetrievalStudent, encoder_fingerprint
+
+    spec, run_dir = sst2_run
+    spec = spec.model_copy(deep=True)
+    spec.storage.runs_dir = str(tmp_path / "runs")
+    spec.student.epochs = 4
+    spec.student.deepspeed = DeepSpeedSpec(zero_stage=3, precision="bf16")
+    copy = run_dir_for(spec)
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("student", "evaluate"))
+    run_logged(spec, only="student")
+    metrics = manifest(copy, "student")["metrics"]
+    digests = metrics["weights_digest"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    losses = [entry["loss"] for entry in metrics["history"]]
+    assert losses[-1] < losses[0]
+    student = RetrievalStudent.load(copy / "student" / "model")
+    assert {parameter.dtype for parameter in student.parameters()} == {torch.float32}
+    assert KnowledgeStore.load(copy / "student" / "store").encoder_fingerprint == encoder_fingerprint(student.encoder)

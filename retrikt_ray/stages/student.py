@@ -125,10 +125,15 @@ def train_loop(config: dict) -> None:
     bar.close()
 
     def write(folder: Path) -> None:
-        if student.head.weight.dtype != torch.float32:  # trained in bf16/fp16: served in float32
-            student.float()
         student.save(folder / "model")
-        store.save(folder / "store")
+        served_store = store
+        if student.head.weight.dtype != torch.float32:
+            # Trained in bf16/fp16: served in float32, so the keys come from the float32 encoder.
+            served = RetrievalStudent.load(folder / "model", settings.trust_remote_code).float()
+            served.save(folder / "model")
+            keys = served.embed_all(store.inputs, batch_size=spec.store.encode_batch_size)
+            served_store = store.with_keys(keys, encoder_fingerprint(served.encoder))
+        served_store.save(folder / "store")
 
     metrics = {
         "history": history,
