@@ -7,8 +7,8 @@ The job is jobs/demo.yaml with small budgets (see BUDGETS), run through the real
 Ray. One full run first makes the upstream stages and warms the caches; then, for each worker count:
 - generation: the generate stage re-run from no shards with a fixed pool of N teacher replicas
   (1 CPU each); tokens/s of its generation pass (replica start-up included), from its manifest.
-- student training: the student stage run with N Ray Train workers (1 CPU each) for a short and a long
-  number of epochs; examples/s = extra examples / extra seconds, so Ray Train's fixed start-up cost
+- student training: the student stage run with N Ray Train workers (1 CPU each), under DeepSpeed ZeRO 0
+  and ZeRO 2, for a short and a long number of epochs; examples/s = extra examples / extra seconds, so Ray Train's fixed start-up cost
   (about 25 s) cancels out. An epoch includes re-encoding the store's keys, which every worker does.
 A GPU row is recorded only when this machine has a GPU.
 """
@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from retrikt_ray import pipeline  # noqa: E402
 from retrikt_ray.artifacts import read_manifest, run_dir_for  # noqa: E402
-from retrikt_ray.config import JobSpec, load_spec  # noqa: E402
+from retrikt_ray.config import DeepSpeedSpec, JobSpec, load_spec  # noqa: E402
 
 BUDGETS = [
     "prompt.epochs=1",
@@ -48,12 +49,14 @@ BUDGETS = [
 ]
 
 
-def with_resources(spec: JobSpec, workers: int, epochs: int | None = None) -> JobSpec:
+def with_resources(spec: JobSpec, workers: int, epochs: int | None = None, zero_stage: int | None = None) -> JobSpec:
     changed = spec.model_copy(deep=True)
     changed.resources.num_workers = workers
     changed.resources.generation_replicas = workers
     if epochs is not None:
         changed.student.epochs = epochs
+    if zero_stage is not None:  # the student's own section: the upstream stages stay reusable
+        changed.student.deepspeed = DeepSpeedSpec(zero_stage=zero_stage)
     return changed
 
 
@@ -78,22 +81,26 @@ def student_examples(metrics: dict, spec: JobSpec) -> int:
     return len(metrics["history"]) * math.ceil(metrics["store_rows"] / (batch * world)) * batch * world
 
 
-def measure_training(spec: JobSpec, workers: int, epochs: tuple[int, int]) -> dict:
-    """The student stage with `workers` workers for a short and a long run; throughput of the difference."""
+def measure_training(spec: JobSpec, workers: int, epochs: tuple[int, int], zero_stage: int) -> dict:
+    """The student stage with `workers` workers under ZeRO `zero_stage` for a short and a long run;
+    throughput of the difference."""
     runs = {}
     for count in epochs:
-        changed = with_resources(spec, workers, count)
-        pipeline.run(changed)  # makes this epoch count's run directory (upstream stages reused) the first time
-        pipeline.run(changed, only="student", force=True)
+        changed = with_resources(spec, workers, count, zero_stage)
+        lines: list[str] = []
+        pipeline.run(changed, log=lines.append)  # upstream stages reused; the student trains unless finished before
+        if not any(re.match(r"\[student\] \d+s: ", line) for line in lines):
+            pipeline.run(changed, only="student", force=True)
         manifest = read_manifest(run_dir_for(changed) / "student")
         runs[count] = {"seconds": manifest["seconds"], "examples": student_examples(manifest["metrics"], changed)}
     short, long = runs[epochs[0]], runs[epochs[1]]
     extra_seconds = long["seconds"] - short["seconds"]
     return {
         "workers": workers,
+        "zero_stage": zero_stage,
         "runs": {str(count): run for count, run in runs.items()},
         "examples_per_s": round((long["examples"] - short["examples"]) / extra_seconds, 2) if extra_seconds > 0 else None,
-        "worker_nodes": read_manifest(run_dir_for(with_resources(spec, workers, epochs[1])) / "student")["metrics"]["worker_nodes"],
+        "worker_nodes": read_manifest(run_dir_for(with_resources(spec, workers, epochs[1], zero_stage)) / "student")["metrics"]["worker_nodes"],
     }
 
 
@@ -104,6 +111,7 @@ def main() -> None:
     parser.add_argument("--job", default="jobs/demo.yaml")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--epochs", type=int, nargs=2, default=[1, 3], help="short and long student runs")
+    parser.add_argument("--zero", type=int, nargs="+", default=[0, 2], help="DeepSpeed ZeRO stages of student training")
     parser.add_argument("--runs-dir", default="runs/scaling")
     parser.add_argument("--out", default="benchmarks/results/scaling")
     args = parser.parse_args()
@@ -118,7 +126,7 @@ def main() -> None:
         "student": spec.student.model,
         "device": "cpu",
         "generation": [measure_generation(spec, workers) for workers in args.workers],
-        "training": [measure_training(spec, workers, tuple(args.epochs)) for workers in args.workers],
+        "training": [measure_training(spec, workers, tuple(args.epochs), zero) for zero in args.zero for workers in args.workers],
         "gpu": "measured on a GPU machine: not run here" if torch.cuda.is_available() else "not run: no GPU lent",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         # Other processes on the machine change every figure above: the 1-minute load average says how busy it was.
@@ -142,7 +150,7 @@ def markdown(results: dict) -> str:
         "",
         f"Budgets over `{results['job']}`: {', '.join(f'`{item}`' for item in results['budgets'])}.",
         "",
-        "| work | workers | throughput | speed-up | measured over |",
+        "| work | workers | throughput | vs 1 worker (ZeRO 0) | measured over |",
         "|---|---|---|---|---|",
         *[
             f"| generation (CPU) | {row['workers']} | {row['tokens_per_s']:.1f} tokens/s | {speedup(generation, 'tokens_per_s', row)} "
@@ -150,7 +158,7 @@ def markdown(results: dict) -> str:
             for row in generation
         ],
         *[
-            f"| student training (CPU) | {row['workers']} | "
+            f"| student training (CPU), ZeRO {row['zero_stage']} | {row['workers']} | "
             + (f"{row['examples_per_s']:.1f} examples/s" if row["examples_per_s"] else "not measurable")
             + f" | {speedup(training, 'examples_per_s', row)} | "
             + ", ".join(f"{epochs} epochs: {run['examples']} examples in {run['seconds']:.1f} s" for epochs, run in row["runs"].items())
@@ -162,7 +170,8 @@ def markdown(results: dict) -> str:
         "Generation: tokens/s of the generate stage's generation pass with a fixed pool of that many teacher",
         "replicas (1 CPU each, replica start-up included). Student training: extra examples / extra seconds",
         "between the two epoch counts, so Ray Train's start-up cancels out; an epoch includes re-encoding the",
-        "store's keys on every worker.",
+        "store's keys on every worker. ZeRO 2 shards optimizer state and gradients over the workers (with one",
+        "worker it only adds DeepSpeed's partitioning work).",
         "",
         f"Machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}; 1-minute load average "
         f"{results['load_average_1m']['start']} at the start, {results['load_average_1m']['end']} at the end.",

@@ -230,7 +230,8 @@ class Checkpoints:
         import ray.train
 
         with tempfile.TemporaryDirectory() as folder:
-            self.optimiser.engine.save_checkpoint(folder, tag=ENGINE_TAG)
+            # The frozen teacher is the job's input, not training state: only what trains is saved.
+            self.optimiser.engine.save_checkpoint(folder, tag=ENGINE_TAG, exclude_frozen_parameters=True)
             torch.save(
                 {
                     "position": position,
