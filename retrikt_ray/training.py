@@ -194,8 +194,8 @@ class Checkpoints:
     failure (FailureConfig) or an interrupted run, `restore` returns the loop state to continue from.
     """
 
-    def __init__(self, optimiser: Optimiser, every: int | None, rank: int, world: int):
-        self.optimiser, self.every, self.rank, self.world = optimiser, every, rank, world
+    def __init__(self, optimiser: Optimiser, every: int | None, rank: int):
+        self.optimiser, self.every, self.rank = optimiser, every, rank
         self.resumed_from: int | None = None
 
     def restore(self) -> dict | None:

@@ -175,7 +175,7 @@ def train_loop(config: dict) -> None:
     reference_prompt = torch.tensor(config["initial_prompt"], device=device)
     policy = PromptPolicy(reference_prompt).to(device)
     optimiser = Optimiser(policy, [{"params": list(policy.parameters()), "lr": settings.lr}], config["deepspeed"])
-    checkpoints = Checkpoints(optimiser, spec.resources.checkpoint_every_updates, rank, world)
+    checkpoints = Checkpoints(optimiser, spec.resources.checkpoint_every_updates, rank)
     minibatch_size = optimiser.micro_batch_size
     # Each rank draws its own share of the rollouts (its own seeds): the data-parallel split of PPO's data.
     per_label = max(1, settings.rollouts_per_update // (task.num_labels * world))

@@ -85,7 +85,7 @@ def train_loop(config: dict) -> None:
     model = get_peft_model(model, peft_config).to(device)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimiser = Optimiser(model, [{"params": trainable, "lr": settings.lr}], config["deepspeed"])
-    checkpoints = Checkpoints(optimiser, spec.resources.checkpoint_every_steps, rank, world)
+    checkpoints = Checkpoints(optimiser, spec.resources.checkpoint_every_steps, rank)
     batch_size = optimiser.micro_batch_size
 
     items = training_items(task, few_shot, tokenizer, settings.max_length)

@@ -77,7 +77,7 @@ def train_loop(config: dict) -> None:
         {"params": head, "lr": settings.head_lr, "weight_decay": 0.0},
     ]
     optimiser = Optimiser(StudentStep(student), groups, config["deepspeed"])
-    checkpoints = Checkpoints(optimiser, spec.resources.checkpoint_every_steps, rank, world)
+    checkpoints = Checkpoints(optimiser, spec.resources.checkpoint_every_steps, rank)
     batch_size = optimiser.micro_batch_size
 
     soft = torch.from_numpy(store.soft_labels).to(device)
