@@ -124,7 +124,7 @@ class DeepSpeedSpec(Section):
         changed = [name for name, field in type(self).model_fields.items() if name != "config_file" and getattr(self, name) != field.default]
         if self.config_file is not None and changed:
             raise ValueError(f"config_file is used as is: leave out {', '.join(changed)}")
-        # Workers get the file's content from the driver (loaded_config_file); their node may lack the path.
+        # Workers get the engine config built on the driver (training.deepspeed_config); their node may lack the path.
         context = info.context or {}
         if self.config_file is not None and not context.get("in_worker"):
             path = Path(context.get("base", ".")) / Path(self.config_file).expanduser()

@@ -62,10 +62,9 @@ def deepspeed_config(spec: JobSpec, stage: str, batch_size: int) -> dict:
             "fp16": {"enabled": settings.precision == "fp16"},
             "steps_per_print": 1_000_000_000,
         }
-        config["train_micro_batch_size_per_gpu"] = settings.micro_batch_size or batch_size
-        config["gradient_accumulation_steps"] = settings.gradient_accumulation_steps
-    config.setdefault("train_micro_batch_size_per_gpu", batch_size)
-    config.setdefault("gradient_accumulation_steps", 1)
+    # A config file sets these itself or leaves them to the stage (its spec fields stay at their defaults).
+    config.setdefault("train_micro_batch_size_per_gpu", settings.micro_batch_size or batch_size)
+    config.setdefault("gradient_accumulation_steps", settings.gradient_accumulation_steps)
     config.setdefault(
         "train_batch_size",
         config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * spec.resources.num_workers,
