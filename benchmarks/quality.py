@@ -397,7 +397,7 @@ def markdown(results: dict, profile: Profile) -> str:
     lines += [
         "## Generated samples and PPO",
         "",
-        "| task / seed | PPO rollouts: label consistency before -> after | distinct-2 before -> after | pool: teacher agreement (kept) | pool distinct-2 |",
+        "| task / seed | PPO, same fixed draws: label consistency stage-1 -> final prompt | distinct-2 stage-1 -> final | pool: teacher agreement (kept) | pool distinct-2 |",
         "|---|---|---|---|---|",
     ]
     for key, extra in sorted(results["extras"].items()):
@@ -425,30 +425,46 @@ def markdown(results: dict, profile: Profile) -> str:
     return "\n".join(lines)
 
 
+def selection(option: str, chosen: list | None, available: list) -> list:
+    """The chosen subset of the profile's tasks or seeds, in the profile's order (all when none chosen)."""
+    if chosen is None:
+        return list(available)
+    unknown = [item for item in chosen if item not in available]
+    if unknown:
+        raise SystemExit(f"{option}: {', '.join(map(str, unknown))} not in the profile (one of {', '.join(map(str, available))})")
+    return [item for item in available if item in chosen]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="cpu-small")
     parser.add_argument("--budgets", default=str(REPO / "benchmarks" / "quality.yaml"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"))
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "quality"))
+    parser.add_argument("--tasks", nargs="+", help="Run only these of the profile's tasks (the table still lists all)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="Run only these of the profile's seeds")
+    parser.add_argument("--report-only", action="store_true", help="Rewrite the table and plots from the results JSON; run nothing")
     args = parser.parse_args()
 
-    import torch
-
-    from retrikt_ray.pipeline import ray_session
-
     profile = load_profile(Path(args.budgets), args.profile)
+    tasks = selection("--tasks", args.tasks, profile.tasks)
+    seeds = selection("--seeds", args.seeds, profile.seeds)
     out = Path(args.out)
     started = time.perf_counter()
     cells = Cells(out.with_suffix(".json"), args.profile)
-    cells.write_hook = lambda: write_results(out, args.profile, profile, cells, started)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    first = variant_specs(profile, args.profile, profile.tasks[0], profile.seeds[0], Path(args.runs_dir))["full"]
-    with ray_session(first):
-        # Seed-major: a partial run still covers every task.
-        for seed in profile.seeds:
-            for task in profile.tasks:
-                run_task_seed(profile, args.profile, task, seed, Path(args.runs_dir), cells)
+    if not args.report_only:
+        import torch
+
+        from retrikt_ray.pipeline import ray_session
+
+        cells.write_hook = lambda: write_results(out, args.profile, profile, cells, started)
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        first = variant_specs(profile, args.profile, tasks[0], seeds[0], Path(args.runs_dir))["full"]
+        with ray_session(first):
+            # Seed-major: a partial run still covers every task.
+            for seed in seeds:
+                for task in tasks:
+                    run_task_seed(profile, args.profile, task, seed, Path(args.runs_dir), cells)
     results = write_results(out, args.profile, profile, cells, started)
     print(markdown(results, profile))
 

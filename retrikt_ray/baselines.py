@@ -15,6 +15,8 @@ is part of the evaluate stage.
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -116,15 +118,19 @@ def setfit_student(
     tokenizer = model.model_body.tokenizer
     rows, targets = labelled_rows(task, few_shot)
     train = Dataset.from_dict({"text": [_setfit_text(tokenizer, row) for row in rows], "label": targets})
-    arguments = TrainingArguments(
-        batch_size=settings.setfit_batch_size,
-        num_epochs=settings.setfit_epochs,
-        num_iterations=settings.setfit_iterations,
-        seed=spec.student.seed,
-        report_to="none",
-        show_progress_bar=False,
-    )
-    Trainer(model=model, args=arguments, train_dataset=train).train()
+    with tempfile.TemporaryDirectory() as scratch:  # SetFit's Trainer writes checkpoints and logs under output_dir
+        arguments = TrainingArguments(
+            output_dir=scratch,
+            logging_dir=scratch,
+            save_strategy="no",
+            batch_size=settings.setfit_batch_size,
+            num_epochs=settings.setfit_epochs,
+            num_iterations=settings.setfit_iterations,
+            seed=spec.student.seed,
+            report_to="none",
+            show_progress_bar=False,
+        )
+        Trainer(model=model, args=arguments, train_dataset=train).train()
     evaluation_rows, _ = labelled_rows(task, evaluation)
     probs = model.predict_proba([_setfit_text(tokenizer, row) for row in evaluation_rows], as_numpy=True)
     # The head's classes are the targets seen in training, in sorted order: place them by value.

@@ -178,6 +178,9 @@ class PPOSpec(DeepSpeedOption):
     max_new_tokens: int = Field(48, ge=4)
     top_p: float = Field(0.95, gt=0, le=1)
     temperature: float = Field(1.0, gt=0)
+    eval_samples_per_label: int = Field(
+        48, ge=1, description="Samples per label drawn on fixed seeds from the stage-1 and the final prompt, to measure what PPO changed"
+    )
 
 
 class GenerateSpec(Section):

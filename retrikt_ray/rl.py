@@ -130,6 +130,16 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(ngrams)) / len(ngrams)
 
 
+def max_cosine_to_others(embeddings: torch.Tensor) -> torch.Tensor:
+    """`(n,)` max cosine of each row of `embeddings` `(n, d)` to the other rows; 0 for a single row."""
+    if embeddings.shape[0] < 2:
+        return torch.zeros(embeddings.shape[0], dtype=embeddings.dtype, device=embeddings.device)
+    unit = F.normalize(embeddings, dim=-1)
+    cosines = unit @ unit.T
+    cosines.fill_diagonal_(-float("inf"))
+    return cosines.max(dim=1).values
+
+
 class MemoryBank:
     """Recent accepted samples' embeddings per label: a deque of at most `size` L2-normalised vectors
     per label; the oldest vector drops out when a new one arrives at a full bank."""

@@ -1,5 +1,9 @@
-"""`retrikt submit`, `status`, `logs`, `stop`, `jobs` against a real Ray head started here (loopback
-only, token authentication on), running a tiny job on tiny models; and what a submission uploads."""
+"""`retrikt submit`, `status`, `logs`, `stop`, `jobs` against a real two-node Ray cluster started here:
+a head and a second node joined with `ray start`, each with 2 logical CPUs, a custom resource naming
+it and its own temp dir (two raylets, loopback only, token authentication on). The tiny job submitted
+spreads its generation replicas and training workers; its manifests must show that generation and
+every training stage ran on both nodes. The runs dir is a local path: on one machine both nodes see
+it, as a shared filesystem would let them on a real cluster. Also: what a submission uploads."""
 
 import contextlib
 import os
@@ -30,6 +34,8 @@ from retrikt_ray.pipeline import STAGE_NAMES
 REPO = Path(__file__).resolve().parents[1]
 UPLOAD_LIMIT = 100 * 1024 * 1024
 NO_MODELS = {"teacher": "unused/teacher", "student": "unused/student"}  # for tests that run nothing
+NODES = ("node_head", "node_second")
+TRAINING_STAGES = ("prompt", "ppo", "student")
 
 
 def free_port() -> int:
@@ -55,14 +61,42 @@ def stop_ray_head(head: subprocess.Popen, temp_dir: Path) -> None:
                 process.kill()
 
 
+def node_command(temp_dir: Path, name: str, join: str | None) -> list[str]:
+    """`ray start --block` for one node on 127.0.0.1 with ports of its own; `join` is the head's GCS address."""
+    worker_ports = 20000 + secrets.randbelow(9000)
+    role = ["--address", join] if join else [
+        "--head", "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
+        "--include-dashboard", "true", "--ray-client-server-port", str(free_port()),
+    ]  # fmt: skip
+    return [
+        str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats", *role,
+        "--node-ip-address", "127.0.0.1", "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+        "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+        "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+        "--min-worker-port", str(worker_ports), "--max-worker-port", str(worker_ports + 400),
+        "--num-cpus", "2", "--num-gpus", "0", "--resources", f'{{"{name}": 1}}',
+        "--object-store-memory", str(300 * 1024 * 1024), "--temp-dir", str(temp_dir),
+    ]  # fmt: skip
+
+
+def alive_nodes(url: str, token: str) -> dict[str, str]:
+    """Node name (its custom resource) -> Ray node id, for every alive node the dashboard reports."""
+    reply = requests.get(f"{url}/api/v0/nodes", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    reply.raise_for_status()
+    named = {}
+    for node in reply.json()["data"]["result"]["result"]:
+        names = [name for name in NODES if name in node["resources_total"]]
+        if node["state"] == "ALIVE" and names:
+            named[names[0]] = node["node_id"]
+    return named
+
+
 @pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head on 127.0.0.1 with 2 CPUs and token authentication; yields (dashboard URL, token file)."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    token_file = temp_dir / "token"
+def ray_cluster():
+    """Yields (dashboard URL, token file, {node name: node id}); stops both nodes, also on failure."""
+    temp_dirs = [Path(tempfile.mkdtemp(prefix=f"r{index}", dir="/tmp")) for index in range(2)]  # short: socket paths
+    token_file = temp_dirs[0] / "token"
     token_file.write_text(secrets.token_hex(32))
-    dashboard_port = free_port()
-    worker_ports = 20000 + secrets.randbelow(9000)  # away from the default range a local Ray uses
     env = {
         **{name: value for name, value in os.environ.items() if name not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")},
         "RAY_AUTH_MODE": "token",
@@ -70,71 +104,84 @@ def ray_head():
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # the job's `python`
     }
-    command = [
-        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-        "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
-        "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-        "--ray-client-server-port", str(free_port()), "--metrics-export-port", str(free_port()),
-        "--runtime-env-agent-port", str(free_port()),
-        "--min-worker-port", str(worker_ports), "--max-worker-port", str(worker_ports + 400),
-        "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(300 * 1024 * 1024),
-        "--temp-dir", str(temp_dir),
-    ]  # fmt: skip
-    log = open(temp_dir / "ray-start.log", "w")
-    head = subprocess.Popen(command, env=env, cwd=temp_dir, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{dashboard_port}"
-    try:
-        deadline = time.monotonic() + 120
+    started: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(index: int, join: str | None) -> list[str]:
+        command = node_command(temp_dirs[index], NODES[index], join)
+        log = temp_dirs[index] / "ray-start.log"
+        with open(log, "w") as out:
+            started.append((subprocess.Popen(command, env=env, cwd=temp_dirs[index], stdout=out, stderr=subprocess.STDOUT), log))
+        return command
+
+    def wait_for(count: int) -> dict[str, str]:
+        deadline = time.monotonic() + 180
         while True:
-            assert head.poll() is None, (temp_dir / "ray-start.log").read_text()[-3000:]
+            for process, log in started:
+                assert process.poll() is None, log.read_text()[-3000:]
             try:
-                headers = {"Authorization": f"Bearer {token_file.read_text()}"}
-                if requests.get(f"{url}/api/version", headers=headers, timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
+                nodes = alive_nodes(url, token_file.read_text())
+                if len(nodes) == count:
+                    return nodes
+            except requests.RequestException:
                 pass
-            assert time.monotonic() < deadline, "the Ray head did not come up in 120 s"
+            assert time.monotonic() < deadline, f"{count} Ray node(s) did not come up in 180 s"
             time.sleep(1)
-        yield url, token_file
+
+    try:
+        head = start(0, None)
+        url = f"http://127.0.0.1:{head[head.index('--dashboard-port') + 1]}"
+        wait_for(1)
+        start(1, f"127.0.0.1:{head[head.index('--port') + 1]}")
+        yield url, token_file, wait_for(2)
     finally:
-        stop_ray_head(head, temp_dir)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        # The second node first, so the head does not wait on a node that is going away.
+        for (process, _), temp_dir in reversed(list(zip(started, temp_dirs))):
+            stop_ray_head(process, temp_dir)
+        for temp_dir in temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def submitted(ray_head, tiny_models, tmp_path_factory):
-    """A tiny SST-2 job submitted with `retrikt submit` and followed to its end with `retrikt logs --follow`."""
-    url, token_file = ray_head
+def submitted(ray_cluster, tiny_models, tmp_path_factory):
+    """A tiny SST-2 job with two training workers and two generation replicas, spread over both nodes,
+    submitted with `retrikt submit` and followed to its end with `retrikt logs --follow`."""
+    url, token_file, _ = ray_cluster
     root = tmp_path_factory.mktemp("submit")
-    job = root / "tiny.yaml"
-    job.write_text(dump_spec(tiny_spec(tiny_models, root / "runs")))
+    spec = tiny_spec(tiny_models, root / "runs")
+    spec.ppo.updates = 1
+    spec.resources.num_workers = 2
+    spec.resources.generation_replicas = 2
+    spec.resources.placement = "spread"
+    job = root / "spread.yaml"
+    job.write_text(dump_spec(spec))
     submitted = cli("submit", str(job), "--address", url, "--token-file", str(token_file))
     assert submitted.exit_code == 0, submitted.output
     job_id = submitted.stdout.strip().splitlines()[-1]
     followed = cli("logs", job_id, "--follow", "--address", url, "--token-file", str(token_file))
-    return job_id, submitted, followed, root
+    status = cli("status", job_id, "--address", url, "--token-file", str(token_file))
+    assert "status   SUCCEEDED" in status.stdout, followed.output[-4000:]
+    (run_dir,) = (root / "runs").iterdir()
+    return job_id, submitted, followed, run_dir
 
 
 def test_submitted_job_runs_the_pipeline_into_the_specs_runs_dir(submitted):
-    job_id, submitted_result, followed, root = submitted
+    job_id, submitted_result, followed, run_dir = submitted
     assert followed.exit_code == 0, followed.output[-3000:]
     for stage in STAGE_NAMES:
         assert f"[{stage}]" in followed.stdout
     assert job_id.startswith("raysubmit_")
-    (run_dir,) = (root / "runs").iterdir()
     assert f"run directory: {run_dir}" in submitted_result.stderr
     for stage in STAGE_NAMES:
         manifest = read_manifest(run_dir / stage)
-        assert manifest["status"] == "done" and manifest["files"], stage
+        assert manifest["status"] == "done", stage
+        assert manifest["files"] and all((run_dir / stage / name).is_file() for name in manifest["files"]), stage
+    assert 0.0 <= read_manifest(run_dir / "evaluate")["metrics"]["accuracy_student_store"] <= 1.0
     assert cli("show", str(run_dir)).exit_code == 0
 
 
-def test_status_jobs_and_stop_of_a_finished_job(submitted, ray_head):
-    url, token_file = ray_head
-    job_id, _, _, root = submitted
-    (run_dir,) = (root / "runs").iterdir()
+def test_status_jobs_and_stop_of_a_finished_job(submitted, ray_cluster):
+    url, token_file, _ = ray_cluster
+    job_id, _, _, run_dir = submitted
     status = cli("status", job_id, "--address", url, "--token-file", str(token_file))
     assert status.exit_code == 0
     assert "status   SUCCEEDED" in status.stdout and f"run_dir  {run_dir}" in status.stdout
@@ -145,8 +192,8 @@ def test_status_jobs_and_stop_of_a_finished_job(submitted, ray_head):
     assert "[evaluate]" in cli("logs", job_id, "--address", url, "--token-file", str(token_file)).stdout
 
 
-def test_address_from_ray_address_and_an_explicit_address_wins(ray_head, monkeypatch):
-    url, token_file = ray_head
+def test_address_from_ray_address_and_an_explicit_address_wins(ray_cluster, monkeypatch):
+    url, token_file, _ = ray_cluster
     listed = cli("jobs", "--token-file", str(token_file), env={"RAY_ADDRESS": url})
     assert listed.exit_code == 0, listed.output
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
@@ -155,15 +202,15 @@ def test_address_from_ray_address_and_an_explicit_address_wins(ray_head, monkeyp
         jobs_api.list_jobs(None, token_file)
 
 
-def test_stop_a_running_job(ray_head, tiny_models, tmp_path):
-    url, token_file = ray_head
+def test_stop_a_running_job(ray_cluster, tiny_models, tmp_path):
+    url, token_file, _ = ray_cluster
     job_id, _ = jobs_api.submit(tiny_spec(tiny_models, tmp_path / "runs"), url, token_file)
     assert jobs_api.stop(job_id, url, token_file)
     assert jobs_api.wait(job_id, url, token_file, timeout_s=120)["status"] == "STOPPED"
 
 
-def test_wrong_token_and_unknown_job_are_one_line_errors(ray_head, tmp_path):
-    url, token_file = ray_head
+def test_wrong_token_and_unknown_job_are_one_line_errors(ray_cluster, tmp_path):
+    url, token_file, _ = ray_cluster
     wrong = tmp_path / "wrong-token"
     wrong.write_text("not-the-token")
     refused = cli("jobs", "--address", url, "--token-file", str(wrong))
@@ -202,3 +249,21 @@ def test_carried_spec_runs_on_the_cluster_and_writes_where_the_spec_says(tmp_pat
     in_bucket = jobs_api.carried_spec(tiny_spec(NO_MODELS, "s3://bucket/runs"))
     assert in_bucket.storage.runs_dir == "s3://bucket/runs"
     assert jobs_api.runtime_env(in_bucket, REPO)["excludes"] == jobs_api.EXCLUDES
+
+
+def test_generation_ran_on_both_nodes(ray_cluster, submitted):
+    _, _, nodes = ray_cluster
+    run_dir = submitted[3]
+    by_node = read_manifest(run_dir / "generate")["metrics"]["samples_by_node"]
+    assert set(by_node) == set(nodes.values())
+    assert all(count > 0 for count in by_node.values())
+
+
+def test_every_training_stage_ran_a_worker_on_each_node(ray_cluster, submitted):
+    _, _, nodes = ray_cluster
+    run_dir = submitted[3]
+    for stage in TRAINING_STAGES:
+        metrics = read_manifest(run_dir / stage)["metrics"]
+        assert metrics["workers"] == 2, stage
+        assert sorted(metrics["worker_nodes"]) == sorted(nodes.values()), stage
+

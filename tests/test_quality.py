@@ -89,8 +89,9 @@ def test_choice_task_predictions_are_distributions_over_the_alternatives(tiny_mo
     np.testing.assert_allclose(probs[0], right / right.sum(), rtol=1e-4)
 
 
-def test_setfit_baseline_returns_probabilities_for_every_label(tiny_models):
+def test_setfit_baseline_returns_probabilities_for_every_label(tiny_models, tmp_path, monkeypatch):
     pytest.importorskip("setfit")
+    monkeypatch.chdir(tmp_path)  # SetFit's trainer must leave nothing in the working directory
     spec = _spec(tiny_models, task="cb", shots=3)
     task, few_shot = load_few_shot(spec)
     _, dev = load_dev(spec)
@@ -101,6 +102,7 @@ def test_setfit_baseline_returns_probabilities_for_every_label(tiny_models):
     # The head is fitted on the tuned embeddings of the labelled examples: it reproduces most of them.
     on_train = baselines.setfit_student(spec, task, few_shot, few_shot, settings)
     assert (on_train.argmax(axis=1) == [example.label for example in few_shot]).mean() >= 0.6
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_tuned_prompt_teacher_scores_each_text_under_each_label_prompt(tiny_models):

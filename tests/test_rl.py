@@ -12,6 +12,7 @@ from retrikt_ray.rl import (
     diversity_reward,
     gae,
     masked_mean,
+    max_cosine_to_others,
     policy_loss,
     token_rewards,
     value_loss,
@@ -177,3 +178,9 @@ def test_diversity_reward_scores_against_the_bank_before_the_batch():
     # label 0: cos([1, 1], [1, 0]) = 1/sqrt(2) -> 1 - 0.70711; label 1 bank was empty -> 1
     close(rewards, [1.0 - 1.0 / math.sqrt(2.0), 1.0])
     assert len(bank.banks[0]) == 3 and len(bank.banks[1]) == 1
+
+
+def test_max_cosine_to_others_excludes_each_row_itself():
+    rows = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
+    assert torch.allclose(max_cosine_to_others(rows), torch.tensor([1.0, 1.0, 0.0]))
+    assert max_cosine_to_others(rows[:1]).tolist() == [0.0]

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import requests
 import yaml
-from test_stages import run_logged, tiny_spec
+from test_stages import reuse_shared_run, run_logged
 
 from retrikt_ray.config import ServeSpec, SpecError, TaskSpec
 from retrikt_ray.knowledge_store import KnowledgeStore
@@ -61,13 +61,14 @@ def retrikt(*args, env=None):
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, tiny_models, tmp_path_factory):
-    """A finished tiny SST-2 run, served on 127.0.0.1 with a token; yields (spec, run_dir, url, port)."""
+def served(sst2_run, tmp_path_factory):
+    """The shared tiny SST-2 run (reused into a run of its own), served on 127.0.0.1 with a token;
+    yields (spec, run_dir, url, port)."""
     from ray import serve
 
     root = tmp_path_factory.mktemp("serve")
     (root / "token").write_text(TOKEN + "\n")
-    spec = tiny_spec(tiny_models, root / "runs")
+    spec = reuse_shared_run(sst2_run, root / "runs")
     spec.serve = ServeSpec(**{**SERVE, "token_file": str(root / "token")})
     run_dir, _ = run_logged(spec)
     port = free_port()

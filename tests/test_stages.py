@@ -5,15 +5,19 @@ skipping, partial re-runs, reuse and generation resume.
 """
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
 from safetensors.torch import load_file
 
 from retrikt_ray import pipeline
+from retrikt_ray.artifacts import run_dir_for
 from retrikt_ray.config import JobSpec
 from retrikt_ray.knowledge_store import KnowledgeStore
 from retrikt_ray.retrieval_student import RetrievalStudent, encoder_fingerprint
+
+SHARED_PREFIX = "shared-"  # the folder name of a copy of the shared run (reuse_shared_run)
 
 
 def tiny_spec(tiny_models, runs_dir, task="sst2", **changes) -> JobSpec:
@@ -25,7 +29,7 @@ def tiny_spec(tiny_models, runs_dir, task="sst2", **changes) -> JobSpec:
             "teacher": {"model": tiny_models["teacher"], "classify_batch_size": 8},
             "student": {"model": tiny_models["student"], "epochs": 2, "batch_size": 8, "gold_per_batch": 4, "k": 4, "lr": 1e-3},
             "prompt": {"epochs": 3, "batch_size": 4, "lr": 0.05, "num_virtual_tokens": 4, "max_length": 48},
-            "ppo": {"updates": 2, "rollouts_per_update": 8, "minibatch_size": 4, "max_new_tokens": 12},
+            "ppo": {"updates": 2, "rollouts_per_update": 8, "minibatch_size": 4, "max_new_tokens": 12, "eval_samples_per_label": 4},
             "generate": {"samples_per_label": 12, "batch_size": 6, "rows_per_task": 6, "max_new_tokens": 16, "min_words": 1},
             "evaluate": {"latency_examples": 3},
             "resources": {"cpus_per_worker": 1, "cpus_per_replica": 0.5},
@@ -36,6 +40,19 @@ def tiny_spec(tiny_models, runs_dir, task="sst2", **changes) -> JobSpec:
         section, field = path.split("__")
         setattr(getattr(spec, section), field, value)
     return spec
+
+
+def reuse_shared_run(sst2_run, runs_dir, **storage) -> JobSpec:
+    """The shared tiny run's spec writing under `runs_dir` (and further `storage` fields), with that run
+    copied in beside it: stage hashes ignore storage, so the pipeline reuses every stage instead of
+    training again."""
+    spec, run_dir = sst2_run
+    copy = spec.model_copy(deep=True)
+    copy.storage.runs_dir = str(runs_dir)
+    for field, value in storage.items():
+        setattr(copy.storage, field, value)
+    shutil.copytree(run_dir, run_dir_for(copy).parent / f"{SHARED_PREFIX}{run_dir.name}")
+    return copy
 
 
 def run_logged(spec, **kwargs):
@@ -75,6 +92,9 @@ def test_ppo_stage_logs_every_reward_term_and_moves_the_prompt(sst2_run):
     for entry in metrics["history"]:
         for key in ("reward", "consistency_term", "diversity_term", "penalty_term", "consistency_rate", "distinct_2", "mean_max_cos", "kl"):
             assert np.isfinite(entry[key]), key
+    for measured in (metrics["before"], metrics["after"]):  # fixed draws from the stage-1 and the final prompt
+        assert 0.0 <= measured["consistency_rate"] <= 1.0 and 0.0 <= measured["distinct_2"] <= 1.0
+        assert -1.0 <= measured["mean_max_cos"] <= 1.0
     assert (run_dir / "ppo" / "ppo_curves.png").stat().st_size > 1000
     before = load_file(str(run_dir / "prompt" / "soft_prompt.safetensors"))["soft_prompt"]
     after = load_file(str(run_dir / "ppo" / "soft_prompt.safetensors"))["soft_prompt"]

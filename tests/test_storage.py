@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_jobs_api import cli
-from test_stages import run_logged, tiny_spec
+from test_stages import reuse_shared_run, run_logged
 
 from retrikt_ray.artifacts import read_manifest, run_dir_for, run_location
 from retrikt_ray.config import dump_spec
@@ -22,10 +22,10 @@ def remote_path(spec) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uri_run(ray_local, tiny_models, tmp_path_factory):
+def uri_run(sst2_run, tmp_path_factory):
+    """The shared tiny run reused into a run at a file:// URI: every stage lands in the staging copy and is uploaded."""
     root = tmp_path_factory.mktemp("storage")
-    spec = tiny_spec(tiny_models, (root / "bucket" / "runs").as_uri())
-    spec.storage.cache_dir = str(root / "cache")
+    spec = reuse_shared_run(sst2_run, (root / "bucket" / "runs").as_uri(), cache_dir=str(root / "cache"))
     _, lines = run_logged(spec)
     return spec, lines, root
 

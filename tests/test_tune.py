@@ -1,12 +1,10 @@
 """`retrikt tune`: sweep files, which stages trials share, concurrency, and a small real sweep (two
 student trials, ASHA over student epochs) on tiny models."""
 
-import json
-
 import pandas as pd
 import pytest
 import yaml
-from test_stages import tiny_spec
+from test_stages import SHARED_PREFIX, reuse_shared_run, tiny_spec
 
 from retrikt_ray import pipeline
 from retrikt_ray.artifacts import is_finished, read_manifest, run_dir_for
@@ -72,8 +70,10 @@ def test_concurrency_follows_resources():
     assert concurrent_trials(spec, {"CPU": 8, "GPU": 4}) == 2  # 2 GPUs per trial (the replicas)
 
 
-def test_sweep_reuses_upstream_and_writes_table_plot_and_best_job(ray_local, tiny_models, tmp_path):
-    spec = tiny_spec(tiny_models, tmp_path / "runs")
+def test_sweep_reuses_upstream_and_writes_table_plot_and_best_job(sst2_run, tmp_path):
+    """The sweep runs over the shared tiny run's spec, with that run copied into its runs dir: the
+    stages before the swept one are reused from it, and every trial trains a student of its own."""
+    spec = reuse_shared_run(sst2_run, tmp_path / "runs")
     sweep = SweepSpec.model_validate(
         {
             "num_samples": 1,
@@ -99,7 +99,8 @@ def test_sweep_reuses_upstream_and_writes_table_plot_and_best_job(ray_local, tin
     for stage in pipeline.plan(best, run_dir):
         assert is_finished(stage.dir, stage.stage_hash), stage.name  # `retrikt run best.yaml` finds it all done
 
-    generated = [read_manifest(path.parent) for path in (tmp_path / "runs").glob("*/generate/manifest.json")]
-    assert len(generated) >= 3 and sum("reused_from" not in manifest for manifest in generated) == 1  # one generation
-    students = [json.loads(path.read_text()) for path in (tmp_path / "runs").glob("*/student/manifest.json")]
+    sweep_dirs = [job.parent for job in (tmp_path / "runs").glob("*/job.yaml") if not job.parent.name.startswith(SHARED_PREFIX)]
+    for stage in shared_stages(["student.lam"]):
+        assert all("reused_from" in read_manifest(path / stage) for path in sweep_dirs), stage  # nothing upstream re-ran
+    students = [read_manifest(path / "student") for path in sweep_dirs if read_manifest(path / "student")]
     assert sum("reused_from" not in manifest for manifest in students) >= 3  # two trials x rungs, ASHA may stop one

@@ -5,7 +5,9 @@ stage-1 prompt, so the teacher's weights are shared, never copied. A value head 
 the last hidden state) is the critic. Sequence reward per sample:
   alpha * log p_C(y | x)  +  beta * (1 - max cos(e(x), B_y))  -  gamma * [malformed]
 with a per-token KL penalty to the reference, GAE, the clipped surrogate and a clipped value loss.
-Every reward term is logged per update; `ppo_curves.png` plots them.
+Every reward term is logged per update; `ppo_curves.png` plots them. What PPO changed is measured on
+fixed draws (`eval_samples_per_label` per label, the same seeds) from the stage-1 and the final prompt:
+the manifest's `before` and `after`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ CONFIG_KEYS = (
 )
 # log p_C is floored so that a valid but off-label sample never scores below a malformed one.
 CONSISTENCY_FLOOR = 1e-2
+# Seeds of the fixed draws that measure a prompt, apart from every rollout seed (1_000_003 * update + ...).
+EVAL_SEED = 7
 SOFT_PROMPT = "soft_prompt.safetensors"
 
 
@@ -97,7 +101,8 @@ class RewardModel:
             return None
         return self.task.parse_generation(text, label)
 
-    def score(self, label: int, texts: list[str]) -> dict[str, np.ndarray]:
+    def score(self, label: int, texts: list[str], remember: bool = True) -> dict[str, np.ndarray]:
+        """Reward terms of each text; `remember`: add the valid ones to the label's memory bank."""
         from ..rl import diversity_reward
         from ..teacher import calibrate
 
@@ -114,7 +119,7 @@ class RewardModel:
             consistency[valid] = np.log(np.clip(probs[:, label], CONSISTENCY_FLOOR, 1.0))
             agrees[valid] = probs.argmax(axis=1) == label
             embeddings = torch.from_numpy(self.encoder.embed_all([(texts[i], None) for i in np.flatnonzero(valid)]))
-            bonus = diversity_reward(self.bank, [label] * len(kept), embeddings, [True] * len(kept)).numpy()
+            bonus = diversity_reward(self.bank, [label] * len(kept), embeddings, [remember] * len(kept)).numpy()
             diversity[valid] = bonus
             max_cos[valid] = 1.0 - bonus
         penalty = (~valid).astype(float)
@@ -154,7 +159,7 @@ def train_loop(config: dict) -> None:
     from tqdm import tqdm
 
     from ..retrieval_student import RetrievalStudent
-    from ..rl import approx_kl, gae, policy_loss, token_rewards, value_loss, whiten
+    from ..rl import approx_kl, gae, max_cosine_to_others, policy_loss, token_rewards, value_loss, whiten
     from ..teacher import Teacher
     from ..training import Checkpoints, Optimiser, report_outputs, set_threads, worker_context, worker_spec
 
@@ -192,10 +197,35 @@ def train_loop(config: dict) -> None:
             texts.extend(samples.texts)
         return groups, scores, texts
 
+    def measure(prompt: torch.Tensor) -> dict[str, float] | None:
+        """What `prompt` generates on fixed seeds: the same draws for the stage-1 and the final prompt.
+        Diversity is within the batch (each valid sample's max cosine to the others of its label), so
+        the memory bank neither scores nor keeps these samples. Rank 0 measures; the others get None."""
+        if rank != 0:
+            return None
+        teacher.soft_prompt = prompt.detach().clone()
+        scores, texts, max_cos = [], [], []
+        for label in range(task.num_labels):
+            samples = teacher.sample(label, settings.eval_samples_per_label, settings.max_new_tokens, settings.top_p, settings.temperature, EVAL_SEED + label)
+            score = rewards.score(label, samples.texts, remember=False)
+            valid = [text for text, ok in zip(samples.texts, score["valid"]) if ok]
+            if valid:
+                max_cos.append(max_cosine_to_others(torch.from_numpy(encoder.embed_all([(text, None) for text in valid]))).numpy())
+            scores.append(score)
+            texts.extend(samples.texts)
+        summary = rollout_summary(scores, texts, float("nan"))
+        within = float(np.concatenate(max_cos).mean()) if max_cos else 0.0
+        diversity = settings.beta * (1.0 - within)
+        reward = summary["consistency_term"] + diversity + summary["penalty_term"]
+        return {**summary, "mean_max_cos": within, "diversity_term": diversity, "reward": reward}
+
     history, seen, start = [], set(), 0
     resumed = checkpoints.restore()
     if resumed is not None:
         history, seen, rewards.bank, start = resumed["history"], resumed["seen"], resumed["bank"], checkpoints.resumed_from
+        before = resumed["before"]
+    else:
+        before = measure(reference_prompt)
     bar = tqdm(total=settings.updates, initial=start, desc="ppo", disable=rank != 0)
     for update in range(start, settings.updates):
         groups, scores, texts = collect(update)
@@ -233,13 +263,10 @@ def train_loop(config: dict) -> None:
         bar.update(1)
         bar.set_postfix(reward=f"{entry['reward']:.2f}", consistency=f"{entry['consistency_rate']:.2f}")
         if checkpoints.due(update + 1):
-            checkpoints.save(update + 1, {"history": history, "seen": seen, "bank": rewards.bank}, {"reward": entry["reward"]})
+            checkpoints.save(update + 1, {"history": history, "seen": seen, "bank": rewards.bank, "before": before}, {"reward": entry["reward"]})
     bar.close()
-
-    # The first update's rollouts came from the stage-1 prompt: that is "before". "After" is a fresh
-    # batch from the final prompt, scored against the same bank state for a fair diversity figure.
-    _, final_scores, final_texts = collect(settings.updates)
-    after = rollout_summary(final_scores, final_texts, float("nan"))
+    with optimiser.gathered():
+        after = measure(policy.soft_prompt)
 
     def write(folder: Path) -> None:
         save_file({"soft_prompt": policy.soft_prompt.detach().float().cpu().contiguous()}, str(folder / SOFT_PROMPT))
@@ -248,7 +275,7 @@ def train_loop(config: dict) -> None:
     report_outputs(
         {
             "history": history,
-            "before": history[0],
+            "before": before,
             "after": after,
             "rollouts": settings.updates * per_label * task.num_labels * world,
             "updates": settings.updates,
