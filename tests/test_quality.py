@@ -3,6 +3,7 @@ seed aggregation, and the written results (JSON, markdown, plots)."""
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -195,3 +196,21 @@ def test_results_and_plot_files_are_written(tmp_path):
     # A rerun of the same profile starts from the finished cells; another profile starts afresh.
     assert len(quality.Cells(tmp_path / "quality.json", "test").cells) == len(_cells())
     assert quality.Cells(tmp_path / "quality.json", "other").cells == []
+
+
+def test_task_and_seed_selection_keeps_the_profile_order_and_names_unknowns():
+    assert quality.selection("--tasks", ["cb", "sst2"], ["sst2", "rte", "cb"]) == ["sst2", "cb"]
+    assert quality.selection("--seeds", None, [0, 1]) == [0, 1]
+    with pytest.raises(SystemExit, match="--tasks: mnli not in the profile"):
+        quality.selection("--tasks", ["mnli"], ["sst2"])
+
+
+def test_report_only_rewrites_table_and_plots_from_the_results_json(tmp_path):
+    (tmp_path / "quality.json").write_text(json.dumps({"profile": "cpu-small", "cells": _cells(), "extras": {}}))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--profile", "cpu-small", "--report-only", "--out", str(tmp_path / "quality"), "--runs-dir", str(tmp_path / "runs")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| RetriKT: student + store, full recipe | 83.0 (80.0-86.0) | 50.0 | - | - |" in (tmp_path / "quality.md").read_text()
+    assert (tmp_path / "quality_accuracy.png").is_file() and not (tmp_path / "runs").exists()
