@@ -172,7 +172,8 @@ def plot_accuracy(table: dict, tasks: list[str], path: Path) -> None:
         summaries = [table.get(task, {}).get(method) for task in tasks]
         means = [100 * s["mean"] if s else np.nan for s in summaries]
         errors = [[100 * (s["mean"] - s["min"]) if s else 0 for s in summaries], [100 * (s["max"] - s["mean"]) if s else 0 for s in summaries]]
-        axis.bar(np.arange(len(tasks)) + (index - (len(methods) - 1) / 2) * width, means, width, yerr=errors, capsize=2, label=method)
+        offset = (index - (len(methods) - 1) / 2) * width
+        axis.bar(np.arange(len(tasks)) + offset, means, width, yerr=errors, capsize=2, label=method, color=plt.cm.tab20(index % 20))
     axis.set_xticks(np.arange(len(tasks)), tasks)
     axis.set_ylabel("dev accuracy (%)")
     axis.set_title("accuracy per method per task (mean, min-max over seeds)")
