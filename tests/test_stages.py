@@ -210,3 +210,23 @@ def test_force_redoes_a_finished_stage(sst2_run):
     assert len(lines) == 1 and "skipped" not in lines[0] and "reused" not in lines[0]
     assert manifest(run_dir, "store")["stage_hash"] == pipeline.plan(spec, run_dir)[3].stage_hash
     assert before <= manifest(run_dir, "store")["finished_at"]
+
+
+def test_measuring_a_prompt_repeats_its_draws_and_leaves_the_memory_bank_alone(tiny_models, tmp_path):
+    """PPO's before / after: the same fixed draws for any prompt, and the bank neither scores nor keeps them."""
+    import torch
+
+    from retrikt_ray.stages.ppo import RewardModel, measure_prompt
+    from retrikt_ray.tasks import load_few_shot
+    from retrikt_ray.teacher import Teacher
+
+    spec = tiny_spec(tiny_models, tmp_path)
+    task, _ = load_few_shot(spec)
+    teacher = Teacher.from_spec(spec, task)
+    encoder = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
+    rewards = RewardModel(spec, teacher, task, encoder, np.full(task.num_labels, 1.0 / task.num_labels))
+    prompt = 0.02 * torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    first, again = measure_prompt(teacher, rewards, prompt), measure_prompt(teacher, rewards, prompt)
+    assert {key: value for key, value in first.items() if key != "kl"} == {key: value for key, value in again.items() if key != "kl"}
+    assert first["valid_rate"] > 0 and 0.0 <= first["consistency_rate"] <= 1.0 and -1.0 <= first["mean_max_cos"] <= 1.0
+    assert all(len(bank) == 0 for bank in rewards.bank.banks)

@@ -113,13 +113,14 @@ class RewardModel:
         agrees = np.zeros(len(texts), dtype=bool)
         diversity = np.zeros(len(texts))
         max_cos = np.full(len(texts), np.nan)
+        embeddings = np.zeros((0, 0), dtype=np.float32)
         kept = [example for example in parsed if example is not None]
         if kept:
             probs = calibrate(self.teacher.classify_raw(kept), self.reference_mean)
             consistency[valid] = np.log(np.clip(probs[:, label], CONSISTENCY_FLOOR, 1.0))
             agrees[valid] = probs.argmax(axis=1) == label
-            embeddings = torch.from_numpy(self.encoder.embed_all([(texts[i], None) for i in np.flatnonzero(valid)]))
-            bonus = diversity_reward(self.bank, [label] * len(kept), embeddings, [remember] * len(kept)).numpy()
+            embeddings = self.encoder.embed_all([(texts[i], None) for i in np.flatnonzero(valid)])
+            bonus = diversity_reward(self.bank, [label] * len(kept), torch.from_numpy(embeddings), [remember] * len(kept)).numpy()
             diversity[valid] = bonus
             max_cos[valid] = 1.0 - bonus
         penalty = (~valid).astype(float)
@@ -132,7 +133,28 @@ class RewardModel:
             "agrees": agrees,
             "valid": valid,
             "max_cos": max_cos,
+            "embeddings": embeddings,  # of the valid texts, in order
         }
+
+
+def measure_prompt(teacher, rewards: RewardModel, prompt: torch.Tensor) -> dict[str, float]:
+    """What `prompt` generates on fixed seeds: the same draws for the stage-1 and the final prompt.
+    Diversity is within the draws (each valid sample's max cosine to the others of its label), so the
+    memory bank neither scores nor keeps these samples."""
+    from ..rl import max_cosine_to_others
+
+    settings = rewards.spec.ppo
+    teacher.soft_prompt = prompt.detach().clone()
+    scores, texts = [], []
+    for label in range(rewards.task.num_labels):
+        samples = teacher.sample(label, settings.eval_samples_per_label, settings.max_new_tokens, settings.top_p, settings.temperature, EVAL_SEED + label)
+        scores.append(rewards.score(label, samples.texts, remember=False))
+        texts.extend(samples.texts)
+    max_cos = np.concatenate([max_cosine_to_others(torch.from_numpy(score["embeddings"])).numpy() for score in scores])
+    within = float(max_cos.mean()) if max_cos.size else 0.0
+    summary = rollout_summary(scores, texts, float("nan"))
+    diversity = settings.beta * (1.0 - within)
+    return {**summary, "mean_max_cos": within, "diversity_term": diversity, "reward": summary["consistency_term"] + diversity + summary["penalty_term"]}
 
 
 def rollout_summary(scores: list[dict], texts: list[str], kl: float) -> dict[str, float]:
@@ -159,7 +181,7 @@ def train_loop(config: dict) -> None:
     from tqdm import tqdm
 
     from ..retrieval_student import RetrievalStudent
-    from ..rl import approx_kl, gae, max_cosine_to_others, policy_loss, token_rewards, value_loss, whiten
+    from ..rl import approx_kl, gae, policy_loss, token_rewards, value_loss, whiten
     from ..teacher import Teacher
     from ..training import Checkpoints, Optimiser, report_outputs, set_threads, worker_context, worker_spec
 
@@ -198,26 +220,8 @@ def train_loop(config: dict) -> None:
         return groups, scores, texts
 
     def measure(prompt: torch.Tensor) -> dict[str, float] | None:
-        """What `prompt` generates on fixed seeds: the same draws for the stage-1 and the final prompt.
-        Diversity is within the batch (each valid sample's max cosine to the others of its label), so
-        the memory bank neither scores nor keeps these samples. Rank 0 measures; the others get None."""
-        if rank != 0:
-            return None
-        teacher.soft_prompt = prompt.detach().clone()
-        scores, texts, max_cos = [], [], []
-        for label in range(task.num_labels):
-            samples = teacher.sample(label, settings.eval_samples_per_label, settings.max_new_tokens, settings.top_p, settings.temperature, EVAL_SEED + label)
-            score = rewards.score(label, samples.texts, remember=False)
-            valid = [text for text, ok in zip(samples.texts, score["valid"]) if ok]
-            if valid:
-                max_cos.append(max_cosine_to_others(torch.from_numpy(encoder.embed_all([(text, None) for text in valid]))).numpy())
-            scores.append(score)
-            texts.extend(samples.texts)
-        summary = rollout_summary(scores, texts, float("nan"))
-        within = float(np.concatenate(max_cos).mean()) if max_cos else 0.0
-        diversity = settings.beta * (1.0 - within)
-        reward = summary["consistency_term"] + diversity + summary["penalty_term"]
-        return {**summary, "mean_max_cos": within, "diversity_term": diversity, "reward": reward}
+        """Rank 0 measures the prompt; the others get None."""
+        return measure_prompt(teacher, rewards, prompt) if rank == 0 else None
 
     history, seen, start = [], set(), 0
     resumed = checkpoints.restore()
