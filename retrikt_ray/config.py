@@ -85,7 +85,13 @@ class TeacherSpec(Section):
         description="Temperature on the calibrated p_C that gives the soft labels q_T (1: q_T = p_C as in METHOD.md; "
         "below 1 sharpens the flat two-word distributions of small teachers)",
     )
-    hidden_layer: int = Field(-1, description="Teacher layer whose mean-pooled state is h_T (for L_rank)")
+    state: Literal["answer", "mean_pool"] = Field(
+        "answer",
+        description="h_T for L_rank: 'answer' is the state where the teacher reads off its answer (the classification "
+        "prompt's last token), 'mean_pool' the text's mean-pooled states (METHOD.md). As similarities for kNN on SST-2 "
+        "(benchmarks/results/teacher_states.md) the answer state scores far above chance and the mean-pooled one near it",
+    )
+    hidden_layer: int = Field(-1, description="Teacher layer that h_T is taken from")
     classify_batch_size: int = Field(32, ge=1, description="Texts per teacher forward when classifying")
 
 

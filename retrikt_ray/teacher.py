@@ -115,24 +115,36 @@ class Teacher:
         return logprobs, output.hidden_states[-1][:, start : start + length]
 
     # ------------------------------------------------------------------------------ classification
-    @torch.no_grad()
     def classify_raw(self, examples: list[Example], batch_size: int = 32) -> np.ndarray:
         """Uncalibrated p_C(. | x): (n, num_labels); choice tasks: over alternatives."""
+        return self.read(examples, batch_size)[0]
+
+    @torch.no_grad()
+    def read(self, examples: list[Example], batch_size: int = 32, state_layer: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """p_C(. | x) as in `classify_raw` and, given `state_layer`, that layer's hidden state where the
+        teacher reads off its answer, (n, hidden): the classification prompt's last token (choice
+        tasks: the shared context's last token). Both come from the same forward passes."""
         if self.task.kind == "choice":
-            return self._choice_probs(examples, batch_size)
+            return self._choice_probs(examples, batch_size, state_layer)
         prompts = [self.classification_text(example) for example in examples]
         probs = [np.zeros((0, self.task.num_labels), np.float32)]
+        states = [np.zeros((0, self.model.config.hidden_size), np.float32)]
         for start in range(0, len(prompts), batch_size):
             batch = self._tokenize(prompts[start : start + batch_size])
             # Only the last position's logits are needed: skip the vocabulary projection elsewhere.
-            final = torch.log_softmax(self.model(**batch, logits_to_keep=1).logits[:, -1].float(), dim=-1)
+            output = self.model(**batch, logits_to_keep=1, output_hidden_states=state_layer is not None)
+            final = torch.log_softmax(output.logits[:, -1].float(), dim=-1)
             probs.append(torch.softmax(final[:, self.verbaliser_ids], dim=-1).cpu().numpy())
-        return np.concatenate(probs)
+            if state_layer is not None:
+                states.append(output.hidden_states[state_layer][:, -1].float().cpu().numpy())
+        return np.concatenate(probs), np.concatenate(states) if state_layer is not None else None
 
-    def _choice_probs(self, examples: list[Example], batch_size: int) -> np.ndarray:
-        """Mean token log-likelihood of each alternative after its context, softmax over alternatives."""
+    def _choice_probs(self, examples: list[Example], batch_size: int, state_layer: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Mean token log-likelihood of each alternative after its context, softmax over alternatives;
+        with `state_layer`, the state at the context's last token (the same for every alternative)."""
         pairs = [pair for example in examples for pair in self.task.choice_contexts(example)]
-        scores = []
+        alternatives = len(pairs) // max(1, len(examples))
+        scores, states = [], [np.zeros((0, self.model.config.hidden_size), np.float32)]
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             contexts = [self.tokenizer(context).input_ids for context, _ in chunk]
@@ -144,14 +156,18 @@ class Teacher:
             for row, sequence in enumerate(sequences):
                 ids[row, : len(sequence)] = torch.tensor(sequence)
                 attention[row, : len(sequence)] = 1
-            logprobs = torch.log_softmax(self.model(input_ids=ids.to(self.device), attention_mask=attention.to(self.device)).logits.float(), -1)
+            output = self.model(input_ids=ids.to(self.device), attention_mask=attention.to(self.device), output_hidden_states=state_layer is not None)
+            logprobs = torch.log_softmax(output.logits.float(), -1)
             for row, (context, continuation) in enumerate(zip(contexts, continuations)):
                 positions = torch.arange(len(context) - 1, len(context) + len(continuation) - 1)
                 token_logprobs = logprobs[row, positions, torch.tensor(continuation)]
                 scores.append(token_logprobs.mean().item())
+                if state_layer is not None and (start + row) % alternatives == 0:
+                    states.append(output.hidden_states[state_layer][row, len(context) - 1].float().cpu().numpy()[None])
         per_example = np.array(scores, dtype=np.float64).reshape(len(examples), -1)
         per_example = np.exp(per_example - per_example.max(axis=1, keepdims=True))
-        return (per_example / per_example.sum(axis=1, keepdims=True)).astype(np.float32)
+        probs = (per_example / per_example.sum(axis=1, keepdims=True)).astype(np.float32)
+        return probs, np.concatenate(states) if state_layer is not None else None
 
     def content_free_reference(self) -> np.ndarray:
         """Mean raw p_C over content-free inputs (every field 'N/A', '' and '[MASK]')."""

@@ -214,3 +214,39 @@ def test_report_only_rewrites_table_and_plots_from_the_results_json(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| RetriKT: student + store, full recipe | 83.0 (80.0-86.0) | 50.0 | - | - |" in (tmp_path / "quality.md").read_text()
     assert (tmp_path / "quality_accuracy.png").is_file() and not (tmp_path / "runs").exists()
+
+
+def _load_teacher_states():
+    spec = importlib.util.spec_from_file_location("teacher_states", REPO / "benchmarks" / "teacher_states.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_knn_readout_weights_the_nearest_rows_soft_labels_and_centring_removes_a_shared_offset():
+    teacher_states = _load_teacher_states()
+    store = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    soft = np.array([[0.8, 0.2], [0.6, 0.4], [0.3, 0.7], [0.1, 0.9]])
+    dev = np.array([[1.0, 0.05], [0.05, 1.0]])
+    assert teacher_states.knn_accuracy(dev, store, soft, np.array([0, 1]), k=2, tau=0.05) == 1.0
+    assert teacher_states.knn_accuracy(dev, store, soft, np.array([1, 0]), k=2, tau=0.05) == 0.0
+    # k = 1 reads the single nearest row: row 1 for a dev point next to it, whose soft label still says 0.
+    assert teacher_states.knn_accuracy(np.array([[0.8, 0.12]]), store, soft, np.array([0]), k=1, tau=0.05) == 1.0
+    # The same points on top of a large shared offset (as in a decoder's states): every cosine near 1,
+    # so softmax(cos / tau_T) is nearly flat; centring brings the spread back.
+    offset = np.concatenate([store, np.zeros((4, 1))], axis=1) + np.array([0.0, 0.0, 100.0])
+    assert teacher_states.mean_pairwise_cosine(offset) > 0.99
+    assert teacher_states.mean_pairwise_cosine(offset - offset.mean(axis=0)) < 0.0
+
+
+def test_teacher_states_benchmark_writes_its_table_for_a_finished_run(sst2_run, tmp_path):
+    _, run_dir = sst2_run
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "teacher_states.py"), "--run", str(run_dir), "--layers", "-1", "--out", str(tmp_path / "states")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "states.json").read_text())["rows"]
+    assert [row["representation"].split(" (")[0] for row in rows] == ["teacher answer", "teacher mean_pool", "student encoder before training"]
+    assert all(0.0 <= row["accuracy_raw"] <= 1.0 for row in rows)
+    assert "| teacher answer | -1 |" in (tmp_path / "states.md").read_text()

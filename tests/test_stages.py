@@ -230,3 +230,28 @@ def test_measuring_a_prompt_repeats_its_draws_and_leaves_the_memory_bank_alone(t
     assert {key: value for key, value in first.items() if key != "kl"} == {key: value for key, value in again.items() if key != "kl"}
     assert first["valid_rate"] > 0 and 0.0 <= first["consistency_rate"] <= 1.0 and -1.0 <= first["mean_max_cos"] <= 1.0
     assert all(len(bank) == 0 for bank in rewards.bank.banks)
+
+
+def test_the_teachers_answer_state_is_read_in_the_classifying_pass(tiny_models, tmp_path):
+    """h_T = 'answer': the state at the classification prompt's last token (choice tasks: the context's), from
+    the same batched, padded forward as p_C; each row equals that example's own unpadded forward."""
+    import torch
+
+    from retrikt_ray.tasks import load_few_shot
+    from retrikt_ray.teacher import Teacher
+
+    for task_name in ("sst2", "copa"):
+        spec = tiny_spec(tiny_models, tmp_path, task=task_name)
+        task, examples = load_few_shot(spec)
+        teacher = Teacher.from_spec(spec, task)
+        probs, states = teacher.read(examples, batch_size=3, state_layer=-2)
+        np.testing.assert_allclose(probs, teacher.classify_raw(examples, batch_size=5), atol=1e-5)
+        assert states.shape == (len(examples), 32)
+        for row, example in enumerate(examples):
+            if task.kind == "choice":
+                ids = teacher.tokenizer(task.choice_contexts(example)[0][0], return_tensors="pt").input_ids
+            else:
+                ids = teacher.tokenizer(teacher.classification_text(example), return_tensors="pt").input_ids
+            with torch.no_grad():
+                alone = teacher.model(input_ids=ids, output_hidden_states=True).hidden_states[-2][0, -1]
+            np.testing.assert_allclose(states[row], alone.numpy(), atol=1e-4)

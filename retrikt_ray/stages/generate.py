@@ -5,7 +5,8 @@ the nodes with `resources.placement: spread`; fractional CPUs on CPU nodes, one 
 so an interrupted run resumes where it stopped; each sample keeps the Ray node id of the replica that
 wrote it (the manifest counts samples per node). Then: parse, exact and near-duplicate removal
 (student-embedding cosine within a label), and annotation with the calibrated teacher classifier
-p_C and the teacher's mean-pooled hidden state h_T (a second Ray Data pass). Every dropped sample is
+p_C and the teacher's state h_T (`teacher.state`: by default read in the same forward, where the teacher
+reads off its answer) in a second Ray Data pass. Every dropped sample is
 counted with its reason in the manifest.
 """
 
@@ -94,9 +95,12 @@ class Annotator:
 
         examples = [Example(fields=json.loads(fields), label=int(label)) for fields, label in zip(batch["fields"], batch["label"])]
         batch_size = self.spec.teacher.classify_batch_size
-        probs = self.teacher.classify_raw(examples, batch_size)
-        # h_T(x) is the teacher's reading of the text alone, not of the classification prompt around it.
-        states = self.teacher.hidden_states([self.task.generation_text(e).strip() for e in examples], self.spec.teacher.hidden_layer, batch_size)
+        teacher = self.spec.teacher
+        if teacher.state == "answer":
+            probs, states = self.teacher.read(examples, batch_size, teacher.hidden_layer)
+        else:
+            probs = self.teacher.classify_raw(examples, batch_size)
+            states = self.teacher.hidden_states([self.task.generation_text(e).strip() for e in examples], teacher.hidden_layer, batch_size)
         return {**batch, "raw_probs": list(probs), "teacher_state": list(states)}
 
 
