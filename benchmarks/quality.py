@@ -46,8 +46,6 @@ METHODS = {
     "retrikt_no_ppo": "ablation: no PPO (stage-1 prompt generates)",
     "retrikt_head_alone": "ablation: no retrieval at inference (head alone)",
     "retrikt_no_rank": "ablation: no L_rank (b = 0)",
-    "retrikt_store_25": "ablation: store 25%",
-    "retrikt_store_50": "ablation: store 50%",
 }
 STUDENT_ALONE = ("student_finetuned", "student_linear_probe", "student_setfit")
 
@@ -64,6 +62,9 @@ class Profile(BaseModel):
     dev_limit: int | None = Field(None, ge=1, description="Score on the first N dev rows of every task (None: all)")
     ablation_tasks: list[str] = Field(description="Tasks on which the ablations run")
     store_fractions: list[float] = Field(description="Store sizes of the store-size ablation, below 1 (1 is the full run)")
+    rank_weights: list[float] = Field(
+        default_factory=list, description="Further L_rank weights b to ablate, besides 0 and the profile's own (the full run)"
+    )
     job: dict[str, Any] = Field(default_factory=dict, description="Job-spec mapping applied to every pipeline run")
     baselines: BaselineSettings = Field(default_factory=BaselineSettings, description="Budgets of the student-alone baselines")
 
@@ -79,12 +80,26 @@ def fraction_method(fraction: float) -> str:
     return f"retrikt_store_{round(fraction * 100)}"
 
 
+def rank_method(weight: float) -> str:
+    return f"retrikt_rank_b{weight:g}"
+
+
+def method_labels(profile: Profile) -> dict[str, str]:
+    """Row order of the table with each method's label: METHODS, then the profile's own ablations."""
+    labels = dict(METHODS)
+    labels.update({rank_method(weight): f"ablation: L_rank weight b = {weight:g}" for weight in profile.rank_weights})
+    labels.update({fraction_method(fraction): f"ablation: store {round(fraction * 100)}%" for fraction in profile.store_fractions})
+    return labels
+
+
 def variant_specs(profile: Profile, profile_name: str, task: str, seed: int, runs_dir: Path) -> dict[str, JobSpec]:
     """The pipeline runs of one task and seed: full, ZeroGen-style, and (on ablation tasks) the ablations."""
     changes: dict[str, dict] = {"full": {}, "zerogen": {"student": {"lam": 0.0, "b": 0.0}}}
     if task in profile.ablation_tasks:
         changes["no_ppo"] = {"ppo": {"enabled": False}}
         changes["no_rank"] = {"student": {"b": 0.0}}
+        for weight in profile.rank_weights:
+            changes[rank_method(weight).removeprefix("retrikt_")] = {"student": {"b": weight}}
         for fraction in profile.store_fractions:
             changes[fraction_method(fraction).removeprefix("retrikt_")] = {"store": {"fraction": fraction}}
     specs = {}
@@ -158,14 +173,14 @@ def targets(table: dict, tasks: list[str]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- plots
-def plot_accuracy(table: dict, tasks: list[str], path: Path) -> None:
+def plot_accuracy(table: dict, tasks: list[str], labels: dict[str, str], path: Path) -> None:
     """Grouped bars: mean accuracy per method per task, min-max over seeds as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [method for method in METHODS if any(method in table.get(task, {}) for task in tasks)]
+    methods = [method for method in labels if any(method in table.get(task, {}) for task in tasks)]
     figure, axis = plt.subplots(figsize=(max(8, 1.6 * len(tasks) * max(1, len(methods)) / 4), 4.5))
     width = 0.8 / max(1, len(methods))
     for index, method in enumerate(methods):
@@ -306,9 +321,9 @@ def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int
     if task_name in profile.ablation_tasks:
         cell("retrikt_no_ppo", lambda: pipeline_metrics("no_ppo")["accuracy_student_store"])
         cell("retrikt_no_rank", lambda: pipeline_metrics("no_rank")["accuracy_student_store"])
-        for fraction in profile.store_fractions:
-            variant = fraction_method(fraction).removeprefix("retrikt_")
-            cell(fraction_method(fraction), lambda variant=variant: pipeline_metrics(variant)["accuracy_student_store"])
+        for method in [*map(rank_method, profile.rank_weights), *map(fraction_method, profile.store_fractions)]:
+            variant = method.removeprefix("retrikt_")
+            cell(method, lambda variant=variant: pipeline_metrics(variant)["accuracy_student_store"])
 
     key = f"{task_name}/{seed}"
     if key not in cells.extras:
@@ -368,7 +383,7 @@ def write_results(out: Path, profile_name: str, profile: Profile, cells: Cells, 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(results, profile))
-    plot_accuracy(table, profile.tasks, out.parent / f"{out.name}_accuracy.png")
+    plot_accuracy(table, profile.tasks, method_labels(profile), out.parent / f"{out.name}_accuracy.png")
     if profile.ablation_tasks:
         plot_store_size(table, profile.store_fractions, profile.ablation_tasks[0], out.parent / f"{out.name}_store_size.png")
     histories = {key: extra["ppo_history"] for key, extra in cells.extras.items() if extra.get("ppo_history")}
@@ -389,7 +404,7 @@ def markdown(results: dict, profile: Profile) -> str:
         "| method | " + " | ".join(tasks) + " |",
         "|---|" + "---|" * len(tasks),
     ]
-    for method, label in METHODS.items():
+    for method, label in method_labels(profile).items():
         if any(method in table.get(task, {}) for task in tasks):
             lines.append(f"| {label} | " + " | ".join(format_cell(table.get(task, {}).get(method)) for task in tasks) + " |")
     seeds = {task: sorted({seed for s in table.get(task, {}).values() for seed in s["seeds"]}) for task in tasks}

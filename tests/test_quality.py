@@ -130,17 +130,20 @@ def test_variants_share_the_stages_they_should(tiny_models, tmp_path):
         shots=4,
         ablation_tasks=["sst2"],
         store_fractions=[0.25],
+        rank_weights=[0.1],
         job={"teacher": {"model": tiny_models["teacher"]}, "student": {"model": tiny_models["student"]}},
     )
     specs = quality.variant_specs(profile, "test", "sst2", 0, tmp_path)
-    assert set(specs) == {"full", "zerogen", "no_ppo", "no_rank", "store_25"}
+    assert set(specs) == {"full", "zerogen", "no_ppo", "no_rank", "rank_b0.1", "store_25"}
     hashes = {variant: {stage.name: stage.stage_hash for stage in plan(spec, tmp_path / variant)} for variant, spec in specs.items()}
     full = hashes["full"]
     assert all(h["prompt"] == full["prompt"] for h in hashes.values())
-    for variant in ("zerogen", "no_rank", "store_25"):
+    for variant in ("zerogen", "no_rank", "rank_b0.1", "store_25"):
         assert hashes[variant]["generate"] == full["generate"]
     assert hashes["no_ppo"]["ppo"] != full["ppo"]
-    assert hashes["no_rank"]["store"] == full["store"] and hashes["no_rank"]["student"] != full["student"]
+    for variant in ("no_rank", "rank_b0.1"):
+        assert hashes[variant]["store"] == full["store"] and hashes[variant]["student"] != full["student"]
+    assert specs["rank_b0.1"].student.b == 0.1
     assert hashes["store_25"]["store"] != full["store"]
     assert specs["zerogen"].student.lam == 0 and specs["zerogen"].student.b == 0
     assert specs["full"].evaluate.teacher_zero_shot and not specs["no_rank"].evaluate.teacher_zero_shot
@@ -154,6 +157,7 @@ def _cells():
         cells.append({"task": "sst2", "seed": seed, "method": "retrikt", "accuracy": retrikt, "seconds": 1.0})
         cells.append({"task": "sst2", "seed": seed, "method": "student_setfit", "accuracy": setfit, "seconds": 1.0})
     cells.append({"task": "sst2", "seed": 0, "method": "retrikt_store_25", "accuracy": 0.75, "seconds": 1.0})
+    cells.append({"task": "sst2", "seed": 0, "method": "retrikt_rank_b0.3", "accuracy": 0.81, "seconds": 1.0})
     cells.append({"task": "rte", "seed": 0, "method": "retrikt", "accuracy": 0.5, "seconds": 1.0})
     return cells
 
@@ -172,7 +176,7 @@ def test_aggregation_gives_mean_and_min_max_over_seeds():
 
 
 def test_results_and_plot_files_are_written(tmp_path):
-    profile = quality.Profile(description="test budget", tasks=["sst2", "rte"], seeds=[0, 1, 2], ablation_tasks=["sst2"], store_fractions=[0.25])
+    profile = quality.Profile(description="test budget", tasks=["sst2", "rte"], seeds=[0, 1, 2], ablation_tasks=["sst2"], store_fractions=[0.25], rank_weights=[0.3])
     cells = quality.Cells(tmp_path / "quality.json", "test")
     cells.cells = _cells()
     history = [{"update": u, "reward": 0.1 * u, "consistency_term": -0.5, "diversity_term": 0.2, "penalty_term": 0.0, "consistency_rate": 0.6 + 0.1 * u, "distinct_2": 0.8} for u in range(3)]
@@ -193,6 +197,7 @@ def test_results_and_plot_files_are_written(tmp_path):
     text = (tmp_path / "quality.md").read_text()
     assert "| RetriKT: student + store, full recipe | 83.0 (80.0-86.0) | 50.0 |" in text
     assert "test budget" in text and "0.60 -> 0.80" in text
+    assert "| ablation: L_rank weight b = 0.3 | 81.0 | - |" in text and "| ablation: store 25% | 75.0 | - |" in text
     # A rerun of the same profile starts from the finished cells; another profile starts afresh.
     assert len(quality.Cells(tmp_path / "quality.json", "test").cells) == len(_cells())
     assert quality.Cells(tmp_path / "quality.json", "other").cells == []
