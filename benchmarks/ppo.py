@@ -49,7 +49,8 @@ def markdown(results: dict[str, dict], settings: dict) -> str:
     lines = [
         f"# PPO learning rate: {settings['task']}, seed {settings['seed']}, profile `{settings['profile']}`",
         "",
-        f"{settings['updates']} updates of {settings['rollouts']} rollouts from the same stage-1 prompt. Before / after: "
+        f"{settings['updates']} updates of {settings['rollouts']} rollouts from the same stage-1 prompt, diversity weight beta = "
+        f"{settings.get('beta', 0.5):g}. Before / after: "
         f"the stage-1 and the final prompt on the same fixed draws ({settings['eval_samples']} per label), scored by the "
         "teacher's calibrated classifier.",
         "",
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--updates", type=int, default=6)
     parser.add_argument("--rollouts", type=int, default=16, help="Rollouts per update")
+    parser.add_argument("--beta", type=float, help="Weight of the diversity reward (default: the profile's)")
     parser.add_argument("--eval-samples", type=int, default=48, help="Fixed draws per label for before / after")
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "ppoexp"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ppo"))
@@ -96,13 +98,15 @@ def main() -> None:
             spec.ppo.lr = lr
             spec.ppo.updates = args.updates
             spec.ppo.rollouts_per_update = args.rollouts
+            if args.beta is not None:
+                spec.ppo.beta = args.beta
             spec.ppo.eval_samples_per_label = args.eval_samples
             pipeline.run(spec, only="prompt")
             run_dir = pipeline.run(spec, only="ppo")
             manifest = read_manifest(run_dir / "ppo")
             metrics = manifest["metrics"]
             results[f"{lr:g}"] = {key: metrics[key] for key in ("before", "after", "history")} | {"seconds": manifest["seconds"]}
-    settings = {"profile": args.profile, "task": args.task, "seed": args.seed, "updates": args.updates, "rollouts": args.rollouts, "eval_samples": args.eval_samples}
+    settings = {"profile": args.profile, "task": args.task, "seed": args.seed, "updates": args.updates, "rollouts": args.rollouts, "eval_samples": args.eval_samples, "beta": base.ppo.beta if args.beta is None else args.beta}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": results}, indent=2, default=float) + "\n")
