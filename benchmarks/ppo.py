@@ -50,7 +50,7 @@ def markdown(results: dict[str, dict], settings: dict) -> str:
         f"# PPO learning rate: {settings['task']}, seed {settings['seed']}, profile `{settings['profile']}`",
         "",
         f"{settings['updates']} updates of {settings['rollouts']} rollouts from the same stage-1 prompt, diversity weight beta = "
-        f"{settings.get('beta', 0.5):g}. Before / after: "
+        f"{settings['beta']:g}. Before / after: "
         f"the stage-1 and the final prompt on the same fixed draws ({settings['eval_samples']} per label), scored by the "
         "teacher's calibrated classifier.",
         "",

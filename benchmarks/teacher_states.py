@@ -67,16 +67,10 @@ def main() -> None:
     teacher = Teacher.from_spec(spec, task)
     batch = spec.teacher.classify_batch_size
 
-    def answer_states(examples, layer):
-        return teacher.read(examples, batch, layer)[1]
-
-    def pooled_states(examples, layer):
-        return teacher.hidden_states([task.generation_text(example).strip() for example in examples], layer, batch)
-
     rows = []
-    for kind, states_of in (("answer", answer_states), ("mean_pool", pooled_states)):
+    for kind in ("answer", "mean_pool"):
         for layer in args.layers:
-            dev_states, store_states = states_of(dev, layer), states_of(stored, layer)
+            dev_states, store_states = (teacher.annotate(examples, kind, layer, batch)[1] for examples in (dev, stored))
             centre = store_states.mean(axis=0)
             rows.append(
                 {

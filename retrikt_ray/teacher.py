@@ -139,6 +139,14 @@ class Teacher:
                 states.append(output.hidden_states[state_layer][:, -1].float().cpu().numpy())
         return np.concatenate(probs), np.concatenate(states) if state_layer is not None else None
 
+    def annotate(self, examples: list[Example], state: str, layer: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """(raw p_C, h_T) of the examples; `state` as `teacher.state`: 'answer' (one pass, see `read`) or
+        'mean_pool' (the example's generation text alone, see `hidden_states`)."""
+        if state == "answer":
+            return self.read(examples, batch_size, layer)
+        texts = [self.task.generation_text(example).strip() for example in examples]
+        return self.classify_raw(examples, batch_size), self.hidden_states(texts, layer, batch_size)
+
     def _choice_probs(self, examples: list[Example], batch_size: int, state_layer: int | None) -> tuple[np.ndarray, np.ndarray | None]:
         """Mean token log-likelihood of each alternative after its context, softmax over alternatives;
         with `state_layer`, the state at the context's last token (the same for every alternative)."""

@@ -95,12 +95,7 @@ class Annotator:
 
         examples = [Example(fields=json.loads(fields), label=int(label)) for fields, label in zip(batch["fields"], batch["label"])]
         batch_size = self.spec.teacher.classify_batch_size
-        teacher = self.spec.teacher
-        if teacher.state == "answer":
-            probs, states = self.teacher.read(examples, batch_size, teacher.hidden_layer)
-        else:
-            probs = self.teacher.classify_raw(examples, batch_size)
-            states = self.teacher.hidden_states([self.task.generation_text(e).strip() for e in examples], teacher.hidden_layer, batch_size)
+        probs, states = self.teacher.annotate(examples, self.spec.teacher.state, self.spec.teacher.hidden_layer, batch_size)
         return {**batch, "raw_probs": list(probs), "teacher_state": list(states)}
 
 
