@@ -50,7 +50,8 @@ def markdown(results: dict[str, dict], settings: dict) -> str:
         f"# PPO learning rate: {settings['task']}, seed {settings['seed']}, profile `{settings['profile']}`",
         "",
         f"{settings['updates']} updates of {settings['rollouts']} rollouts from the same stage-1 prompt, diversity weight beta = "
-        f"{settings['beta']:g}. Before / after: "
+        f"{settings['beta']:g}, GAE lambda {settings['gae_lambda']:g}, "
+        f"{'one prompt per label' if settings['per_label_prompt'] else 'one prompt shared by the labels'}. Before / after: "
         f"the stage-1 and the final prompt on the same fixed draws ({settings['eval_samples']} per label), scored by the "
         "teacher's calibrated classifier.",
         "",
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=6)
     parser.add_argument("--rollouts", type=int, default=16, help="Rollouts per update")
     parser.add_argument("--beta", type=float, help="Weight of the diversity reward (default: the profile's)")
+    parser.add_argument("--gae-lambda", type=float, help="GAE lambda (default: the profile's)")
+    parser.add_argument("--per-label-prompt", action="store_true", help="Tune one copy of the stage-1 prompt per label")
     parser.add_argument("--eval-samples", type=int, default=48, help="Fixed draws per label for before / after")
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "ppoexp"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ppo"))
@@ -100,13 +103,16 @@ def main() -> None:
             spec.ppo.rollouts_per_update = args.rollouts
             if args.beta is not None:
                 spec.ppo.beta = args.beta
+            if args.gae_lambda is not None:
+                spec.ppo.gae_lambda = args.gae_lambda
+            spec.ppo.per_label_prompt = spec.ppo.per_label_prompt or args.per_label_prompt
             spec.ppo.eval_samples_per_label = args.eval_samples
             pipeline.run(spec, only="prompt")
             run_dir = pipeline.run(spec, only="ppo")
             manifest = read_manifest(run_dir / "ppo")
             metrics = manifest["metrics"]
             results[f"{lr:g}"] = {key: metrics[key] for key in ("before", "after", "history")} | {"seconds": manifest["seconds"]}
-    settings = {"profile": args.profile, "task": args.task, "seed": args.seed, "updates": args.updates, "rollouts": args.rollouts, "eval_samples": args.eval_samples, "beta": base.ppo.beta if args.beta is None else args.beta}
+    settings = {"profile": args.profile, "task": args.task, "seed": args.seed, "updates": args.updates, "rollouts": args.rollouts, "eval_samples": args.eval_samples, "beta": base.ppo.beta if args.beta is None else args.beta, "gae_lambda": base.ppo.gae_lambda if args.gae_lambda is None else args.gae_lambda, "per_label_prompt": base.ppo.per_label_prompt or args.per_label_prompt}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": results}, indent=2, default=float) + "\n")

@@ -171,6 +171,10 @@ class PPOSpec(DeepSpeedOption):
     ppo_epochs: int = Field(2, ge=1)
     minibatch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0, description="Learning rate of the soft prompt and value head")
+    per_label_prompt: bool = Field(
+        False,
+        description="Tune a copy of the stage-1 prompt per label, so that one label's rewards do not pull the prompt another label samples from",
+    )
     alpha: float = Field(1.0, description="Weight of label consistency log p_C(y|x)")
     beta: float = Field(0.5, description="Weight of diversity 1 - max cos to the label's memory bank")
     gamma: float = Field(1.0, description="Penalty for a sample that does not parse or is out of length bounds")

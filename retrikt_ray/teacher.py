@@ -1,7 +1,8 @@
 """The frozen teacher LM with an optional soft prompt: sampling, calibrated classification, hidden states.
 
 One implementation serves PPO rollouts, sharded generation, annotation and evaluation. A soft prompt
-is a (m, hidden) tensor placed in front of the token embeddings of the generation prompt.
+is a (m, hidden) tensor placed in front of the token embeddings of the generation prompt, or a
+(labels, m, hidden) tensor whose row `y` goes in front of label y's prompt (`ppo.per_label_prompt`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class Teacher:
         """(n, m + L, hidden): the soft prompt followed by the embedded generation prompt."""
         tokens = self.model.get_input_embeddings()(self.prompt_ids(label))
         if soft_prompt is not None:
+            if soft_prompt.dim() == 3:
+                soft_prompt = soft_prompt[label]
             tokens = torch.cat([soft_prompt.to(tokens.dtype).unsqueeze(0), tokens], dim=1)
         return tokens.expand(n, -1, -1)
 

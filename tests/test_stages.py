@@ -101,6 +101,46 @@ def test_ppo_stage_logs_every_reward_term_and_moves_the_prompt(sst2_run):
     assert not np.allclose(before.numpy(), after.numpy())
 
 
+def test_a_per_label_prompt_goes_in_front_of_its_own_labels_generation_prompt(tiny_models, tmp_path):
+    import torch
+
+    from retrikt_ray.tasks import load_few_shot
+    from retrikt_ray.teacher import Teacher
+
+    spec = tiny_spec(tiny_models, tmp_path)
+    task, _ = load_few_shot(spec)
+    torch.manual_seed(0)
+    prompts = 0.1 * torch.randn(2, 4, 32)
+    teacher = Teacher.from_spec(spec, task)
+    ids = torch.tensor([teacher.tokenizer(" a fine film", add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        for label in range(2):
+            per_label, _ = teacher.continuation_outputs(label, ids, prompts)
+            alone, _ = teacher.continuation_outputs(label, ids, prompts[label])
+            other, _ = teacher.continuation_outputs(label, ids, prompts[1 - label])
+            torch.testing.assert_close(per_label, alone)
+            assert not torch.allclose(per_label, other)
+
+
+def test_ppo_with_per_label_prompts_tunes_each_labels_copy_and_generates_from_them(sst2_run, tmp_path):
+    """Each label's copy of the stage-1 prompt moves, and only by its own label's rollouts, so the copies
+    part; the generate stage samples from them."""
+    spec, shared = sst2_run
+    spec = spec.model_copy(deep=True)
+    spec.storage.runs_dir = str(tmp_path / "runs")
+    spec.ppo.per_label_prompt = True
+    shutil.copytree(shared, run_dir_for(spec), ignore=shutil.ignore_patterns("ppo", "generate", "store", "student", "evaluate"))
+    run_dir, _ = run_logged(spec, only="ppo")
+    run_logged(spec, only="generate")
+    stage_one = load_file(str(run_dir / "prompt" / "soft_prompt.safetensors"))["soft_prompt"].numpy()
+    prompts = load_file(str(run_dir / "ppo" / "soft_prompt.safetensors"))["soft_prompt"].numpy()
+    assert prompts.shape == (2, *stage_one.shape)
+    for label in range(2):
+        assert not np.allclose(prompts[label], stage_one)
+    assert not np.allclose(prompts[0], prompts[1])
+    assert manifest(run_dir, "generate")["counts"]["generated"] == 2 * spec.generate.samples_per_label
+
+
 def test_generate_stage_counts_everything_it_drops(sst2_run):
     spec, run_dir = sst2_run
     counts = manifest(run_dir, "generate")["counts"]

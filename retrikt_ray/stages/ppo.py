@@ -1,6 +1,7 @@
 """Stage 2: PPO on the soft prompt (this project's own PPO; TRL has none for prompt tuning).
 
-Policy = frozen teacher + trainable prompt P (from stage 1); reference = the same teacher with the
+Policy = frozen teacher + trainable prompt P (from stage 1; with `per_label_prompt`, one copy per label,
+saved as (labels, m, hidden)); reference = the same teacher with the
 stage-1 prompt, so the teacher's weights are shared, never copied. A value head (one linear layer on
 the last hidden state) is the critic. Sequence reward per sample:
   alpha * log p_C(y | x)  +  beta * (1 - max cos(e(x), B_y))  -  gamma * [malformed]
@@ -73,10 +74,12 @@ class PromptPolicy(torch.nn.Module):
     """The trainable part: the soft prompt and the value head. The teacher is passed in, not owned,
     so data-parallel wrappers never replicate or synchronise its frozen weights."""
 
-    def __init__(self, initial_prompt: torch.Tensor):
+    def __init__(self, initial_prompt: torch.Tensor, labels: int | None = None):
+        """`labels`: one copy of `initial_prompt` (m, hidden) per label; None: a single shared prompt."""
         super().__init__()
-        self.soft_prompt = torch.nn.Parameter(initial_prompt.clone())
-        self.value_head = torch.nn.Linear(initial_prompt.shape[1], 1)
+        prompt = initial_prompt if labels is None else initial_prompt.expand(labels, -1, -1)
+        self.soft_prompt = torch.nn.Parameter(prompt.clone())
+        self.value_head = torch.nn.Linear(initial_prompt.shape[-1], 1)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
 
@@ -200,7 +203,7 @@ def train_loop(config: dict) -> None:
     )
     rewards = RewardModel(spec, teacher, task, encoder, reference_mean)
     reference_prompt = torch.tensor(config["initial_prompt"], device=device)
-    policy = PromptPolicy(reference_prompt).to(device)
+    policy = PromptPolicy(reference_prompt, task.num_labels if settings.per_label_prompt else None).to(device)
     optimiser = Optimiser(policy, [{"params": list(policy.parameters()), "lr": settings.lr}], config["deepspeed"])
     checkpoints = Checkpoints(optimiser, spec.resources.checkpoint_every_updates, rank)
     minibatch_size = optimiser.micro_batch_size
