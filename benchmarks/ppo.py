@@ -112,7 +112,7 @@ def main() -> None:
             manifest = read_manifest(run_dir / "ppo")
             metrics = manifest["metrics"]
             results[f"{lr:g}"] = {key: metrics[key] for key in ("before", "after", "history")} | {"seconds": manifest["seconds"]}
-    settings = {"profile": args.profile, "task": args.task, "seed": args.seed, "updates": args.updates, "rollouts": args.rollouts, "eval_samples": args.eval_samples, "beta": base.ppo.beta if args.beta is None else args.beta, "gae_lambda": base.ppo.gae_lambda if args.gae_lambda is None else args.gae_lambda, "per_label_prompt": base.ppo.per_label_prompt or args.per_label_prompt}
+    settings = {"profile": args.profile, "task": args.task, "seed": args.seed, "updates": args.updates, "rollouts": args.rollouts, "eval_samples": args.eval_samples, "beta": spec.ppo.beta, "gae_lambda": spec.ppo.gae_lambda, "per_label_prompt": spec.ppo.per_label_prompt}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": results}, indent=2, default=float) + "\n")

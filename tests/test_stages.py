@@ -123,8 +123,8 @@ def test_a_per_label_prompt_goes_in_front_of_its_own_labels_generation_prompt(ti
 
 
 def test_ppo_with_per_label_prompts_tunes_each_labels_copy_and_generates_from_them(sst2_run, tmp_path):
-    """Each label's copy of the stage-1 prompt moves, and only by its own label's rollouts, so the copies
-    part; the generate stage samples from them."""
+    """Each label's copy of the stage-1 prompt moves, and the copies part (a prompt shared by the labels
+    would keep them equal); the generate stage samples from them."""
     spec, shared = sst2_run
     spec = spec.model_copy(deep=True)
     spec.storage.runs_dir = str(tmp_path / "runs")

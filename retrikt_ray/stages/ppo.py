@@ -1,8 +1,8 @@
 """Stage 2: PPO on the soft prompt (this project's own PPO; TRL has none for prompt tuning).
 
-Policy = frozen teacher + trainable prompt P (from stage 1; with `per_label_prompt`, one copy per label,
-saved as (labels, m, hidden)); reference = the same teacher with the
-stage-1 prompt, so the teacher's weights are shared, never copied. A value head (one linear layer on
+Policy = frozen teacher + trainable prompt P (from stage 1; with `per_label_prompt`, one copy per
+label, saved as (labels, m, hidden)); reference = the same teacher with the stage-1 prompt, so the
+teacher's weights are shared, never copied. A value head (one linear layer on
 the last hidden state) is the critic. Sequence reward per sample:
   alpha * log p_C(y | x)  +  beta * (1 - max cos(e(x), B_y))  -  gamma * [malformed]
 with a per-token KL penalty to the reference, GAE, the clipped surrogate and a clipped value loss.
