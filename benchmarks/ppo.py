@@ -45,13 +45,14 @@ def plot(results: dict[str, dict], path: Path) -> None:
     plt.close(figure)
 
 
-def markdown(results: dict[str, dict], settings: dict) -> str:
+def markdown(results: dict[str, dict], settings: dict, curves: str) -> str:
     lines = [
-        f"# PPO learning rate: {settings['task']}, seed {settings['seed']}, profile `{settings['profile']}`",
+        f"# PPO on the soft prompt: {settings['task']}, seed {settings['seed']}, profile `{settings['profile']}`",
         "",
         f"{settings['updates']} updates of {settings['rollouts']} rollouts from the same stage-1 prompt, diversity weight beta = "
         f"{settings['beta']:g}, GAE lambda {settings['gae_lambda']:g}, "
-        f"{'one prompt per label' if settings['per_label_prompt'] else 'one prompt shared by the labels'}. Before / after: "
+        f"{'one prompt per label' if settings['per_label_prompt'] else 'one prompt shared by the labels'}, a malformed sample's "
+        f"consistency term: {settings['malformed_consistency']}. Before / after: "
         f"the stage-1 and the final prompt on the same fixed draws ({settings['eval_samples']} per label), scored by the "
         "teacher's calibrated classifier.",
         "",
@@ -69,7 +70,7 @@ def markdown(results: dict[str, dict], settings: dict) -> str:
             f"| {lr} | {pair('consistency_rate')} | {pair('consistency_term')} | {pair('distinct_2')} | {pair('mean_max_cos')} | "
             f"{pair('valid_rate')} | {result['history'][-1]['kl']:.3f} | {result['seconds']:.0f} |"
         )
-    lines += ["", "Curves: `ppo_curves.png`.", ""]
+    lines += ["", f"Curves: `{curves}`.", ""]
     return "\n".join(lines)
 
 
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--beta", type=float, help="Weight of the diversity reward (default: the profile's)")
     parser.add_argument("--gae-lambda", type=float, help="GAE lambda (default: the profile's)")
     parser.add_argument("--per-label-prompt", action="store_true", help="Tune one copy of the stage-1 prompt per label")
+    parser.add_argument("--malformed-consistency", choices=("valid_mean", "floor"), help="Consistency term of a malformed sample (default: the profile's)")
     parser.add_argument("--eval-samples", type=int, default=48, help="Fixed draws per label for before / after")
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "ppoexp"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ppo"))
@@ -106,19 +108,22 @@ def main() -> None:
             if args.gae_lambda is not None:
                 spec.ppo.gae_lambda = args.gae_lambda
             spec.ppo.per_label_prompt = spec.ppo.per_label_prompt or args.per_label_prompt
+            if args.malformed_consistency is not None:
+                spec.ppo.malformed_consistency = args.malformed_consistency
             spec.ppo.eval_samples_per_label = args.eval_samples
             pipeline.run(spec, only="prompt")
             run_dir = pipeline.run(spec, only="ppo")
             manifest = read_manifest(run_dir / "ppo")
             metrics = manifest["metrics"]
             results[f"{lr:g}"] = {key: metrics[key] for key in ("before", "after", "history")} | {"seconds": manifest["seconds"]}
-    settings = {"profile": args.profile, "task": args.task, "seed": args.seed, "updates": args.updates, "rollouts": args.rollouts, "eval_samples": args.eval_samples, "beta": spec.ppo.beta, "gae_lambda": spec.ppo.gae_lambda, "per_label_prompt": spec.ppo.per_label_prompt}
+    settings = {"profile": args.profile, "task": args.task, "seed": args.seed, "updates": args.updates, "rollouts": args.rollouts, "eval_samples": args.eval_samples, "beta": spec.ppo.beta, "gae_lambda": spec.ppo.gae_lambda, "per_label_prompt": spec.ppo.per_label_prompt, "malformed_consistency": spec.ppo.malformed_consistency}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": results}, indent=2, default=float) + "\n")
-    out.with_suffix(".md").write_text(markdown(results, settings))
-    plot(results, out.parent / f"{out.name}_curves.png")
-    print(markdown(results, settings))
+    curves = out.parent / f"{out.name}_curves.png"
+    out.with_suffix(".md").write_text(markdown(results, settings, curves.name))
+    plot(results, curves)
+    print(markdown(results, settings, curves.name))
 
 
 if __name__ == "__main__":

@@ -178,6 +178,11 @@ class PPOSpec(DeepSpeedOption):
     alpha: float = Field(1.0, description="Weight of label consistency log p_C(y|x)")
     beta: float = Field(0.5, description="Weight of diversity 1 - max cos to the label's memory bank")
     gamma: float = Field(1.0, description="Penalty for a sample that does not parse or is out of length bounds")
+    malformed_consistency: Literal["valid_mean", "floor"] = Field(
+        "valid_mean",
+        description="Consistency term of a malformed sample, which has no p_C: its batch's valid mean (gamma alone punishes "
+        "bad form) or log 0.01 (form then outweighs the label, and PPO learns form)",
+    )
     kl_coef: float = Field(0.05, ge=0, description="eta, per-token KL to the stage-1 prompt")
     gae_lambda: float = Field(0.95, ge=0, le=1)
     discount: float = Field(1.0, ge=0, le=1, description="GAE gamma")

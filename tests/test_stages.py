@@ -272,6 +272,29 @@ def test_measuring_a_prompt_repeats_its_draws_and_leaves_the_memory_bank_alone(t
     assert all(len(bank) == 0 for bank in rewards.bank.banks)
 
 
+def test_a_malformed_sample_is_punished_by_gamma_alone(tiny_models, tmp_path):
+    """No p_C for a malformed sample: by default its consistency term is its batch's valid mean, so only the
+    gamma penalty (and no diversity bonus) sets it below the valid samples on average; 'floor' scores log 0.01."""
+    from retrikt_ray.stages.ppo import RewardModel
+    from retrikt_ray.tasks import load_few_shot
+    from retrikt_ray.teacher import Teacher
+
+    spec = tiny_spec(tiny_models, tmp_path)
+    task, _ = load_few_shot(spec)
+    rewards = RewardModel(spec, Teacher.from_spec(spec, task), task, RetrievalStudent.from_spec(spec.student, task.student_num_labels), np.full(task.num_labels, 1.0 / task.num_labels))
+    texts = ["a warm and funny film", "dull , slow and far too long", "", "word " * (spec.generate.max_words + 1)]
+    score = rewards.score(1, texts, remember=False)
+    assert score["valid"].tolist() == [True, True, False, False]
+    valid_mean = score["consistency"][:2].mean()
+    assert score["consistency"][0] != score["consistency"][1]
+    np.testing.assert_allclose(score["consistency"][2:], valid_mean)
+    np.testing.assert_allclose(score["reward"][2:], valid_mean - spec.ppo.gamma)
+    np.testing.assert_allclose(score["penalty"], [0.0, 0.0, -spec.ppo.gamma, -spec.ppo.gamma])
+    spec.ppo.malformed_consistency = "floor"
+    floored = rewards.score(1, texts, remember=False)
+    np.testing.assert_allclose(floored["consistency"], [*score["consistency"][:2], np.log(0.01), np.log(0.01)])
+
+
 def test_the_teachers_answer_state_is_read_in_the_classifying_pass(tiny_models, tmp_path):
     """h_T = 'answer': the state at the classification prompt's last token (choice tasks: the context's), from
     the same batched, padded forward as p_C; each row equals that example's own unpadded forward."""

@@ -121,6 +121,8 @@ class RewardModel:
         if kept:
             probs = calibrate(self.teacher.classify_raw(kept), self.reference_mean)
             consistency[valid] = np.log(np.clip(probs[:, label], CONSISTENCY_FLOOR, 1.0))
+            if settings.malformed_consistency == "valid_mean":
+                consistency[~valid] = consistency[valid].mean()
             agrees[valid] = probs.argmax(axis=1) == label
             embeddings = self.encoder.embed_all([(texts[i], None) for i in np.flatnonzero(valid)])
             bonus = diversity_reward(self.bank, [label] * len(kept), torch.from_numpy(embeddings), [remember] * len(kept)).numpy()
