@@ -252,19 +252,26 @@ def test_force_redoes_a_finished_stage(sst2_run):
     assert before <= manifest(run_dir, "store")["finished_at"]
 
 
+def tiny_reward_model(spec: JobSpec):
+    """The tiny teacher and PPO's reward model on it, calibrated against a uniform reference."""
+    from retrikt_ray.stages.ppo import RewardModel
+    from retrikt_ray.tasks import load_few_shot
+    from retrikt_ray.teacher import Teacher
+
+    task, _ = load_few_shot(spec)
+    teacher = Teacher.from_spec(spec, task)
+    encoder = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
+    return teacher, RewardModel(spec, teacher, task, encoder, np.full(task.num_labels, 1.0 / task.num_labels))
+
+
 def test_measuring_a_prompt_repeats_its_draws_and_leaves_the_memory_bank_alone(tiny_models, tmp_path):
     """PPO's before / after: the same fixed draws for any prompt, and the bank neither scores nor keeps them."""
     import torch
 
-    from retrikt_ray.stages.ppo import RewardModel, measure_prompt
-    from retrikt_ray.tasks import load_few_shot
-    from retrikt_ray.teacher import Teacher
+    from retrikt_ray.stages.ppo import measure_prompt
 
     spec = tiny_spec(tiny_models, tmp_path)
-    task, _ = load_few_shot(spec)
-    teacher = Teacher.from_spec(spec, task)
-    encoder = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
-    rewards = RewardModel(spec, teacher, task, encoder, np.full(task.num_labels, 1.0 / task.num_labels))
+    teacher, rewards = tiny_reward_model(spec)
     prompt = 0.02 * torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
     first, again = measure_prompt(teacher, rewards, prompt), measure_prompt(teacher, rewards, prompt)
     assert {key: value for key, value in first.items() if key != "kl"} == {key: value for key, value in again.items() if key != "kl"}
@@ -275,13 +282,10 @@ def test_measuring_a_prompt_repeats_its_draws_and_leaves_the_memory_bank_alone(t
 def test_a_malformed_sample_is_punished_by_gamma_alone(tiny_models, tmp_path):
     """No p_C for a malformed sample: by default its consistency term is its batch's valid mean, so only the
     gamma penalty (and no diversity bonus) sets it below the valid samples on average; 'floor' scores log 0.01."""
-    from retrikt_ray.stages.ppo import RewardModel
-    from retrikt_ray.tasks import load_few_shot
-    from retrikt_ray.teacher import Teacher
+    from retrikt_ray.stages.ppo import CONSISTENCY_FLOOR
 
     spec = tiny_spec(tiny_models, tmp_path)
-    task, _ = load_few_shot(spec)
-    rewards = RewardModel(spec, Teacher.from_spec(spec, task), task, RetrievalStudent.from_spec(spec.student, task.student_num_labels), np.full(task.num_labels, 1.0 / task.num_labels))
+    _, rewards = tiny_reward_model(spec)
     texts = ["a warm and funny film", "dull , slow and far too long", "", "word " * (spec.generate.max_words + 1)]
     score = rewards.score(1, texts, remember=False)
     assert score["valid"].tolist() == [True, True, False, False]
@@ -292,7 +296,7 @@ def test_a_malformed_sample_is_punished_by_gamma_alone(tiny_models, tmp_path):
     np.testing.assert_allclose(score["penalty"], [0.0, 0.0, -spec.ppo.gamma, -spec.ppo.gamma])
     spec.ppo.malformed_consistency = "floor"
     floored = rewards.score(1, texts, remember=False)
-    np.testing.assert_allclose(floored["consistency"], [*score["consistency"][:2], np.log(0.01), np.log(0.01)])
+    np.testing.assert_allclose(floored["consistency"], [*score["consistency"][:2], np.log(CONSISTENCY_FLOOR), np.log(CONSISTENCY_FLOOR)])
 
 
 def test_the_teachers_answer_state_is_read_in_the_classifying_pass(tiny_models, tmp_path):
