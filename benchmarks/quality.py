@@ -66,6 +66,9 @@ class Profile(BaseModel):
         default_factory=list, description="Further L_rank weights b to ablate, besides 0 and the profile's own (the full run)"
     )
     job: dict[str, Any] = Field(default_factory=dict, description="Job-spec mapping applied to every pipeline run")
+    task_job: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per task name, a job-spec mapping applied over `job` (e.g. longer generation for pair tasks)"
+    )
     baselines: BaselineSettings = Field(default_factory=BaselineSettings, description="Budgets of the student-alone baselines")
 
 
@@ -105,7 +108,7 @@ def variant_specs(profile: Profile, profile_name: str, task: str, seed: int, run
     specs = {}
     for variant, change in changes.items():
         raw = _merge(
-            profile.job,
+            _merge(profile.job, profile.task_job.get(task, {})),
             {
                 "name": f"quality-{profile_name}-{task}-s{seed}-{variant}",
                 "task": {"name": task},

@@ -42,7 +42,9 @@ class TaskSpec(Section):
     label_names: list[str] | None = Field(None, description="Human-readable label names, one per label")
     verbalisers: list[str] | None = Field(None, description="One word per label that the teacher predicts")
     generation_template: str | None = Field(
-        None, description="How an example is written for generation, with {field} slots, e.g. 'Premise: {premise}'"
+        None,
+        description="How an example is written for generation, with {field} slots, e.g. 'Premise: {premise} Hypothesis: {hypothesis}';"
+        " the text before the first slot ends the generation prompt, the teacher writes the rest",
     )
     classification_template: str | None = Field(
         None, description="Teacher classification prompt with {field} slots; the verbaliser follows it"

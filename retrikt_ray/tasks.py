@@ -12,6 +12,7 @@ Two kinds of task:
 
 from __future__ import annotations
 
+import copy
 import csv
 import gzip
 import json
@@ -134,6 +135,13 @@ class _Template:
     def render(self, values: dict[str, str]) -> str:
         return "".join(literal + (values[field] if field is not None else "") for literal, field in self.parts)
 
+    def split_lead(self) -> tuple[str, _Template]:
+        """(the literal before the first slot, stripped; the template from that slot on)."""
+        (lead, first), *others = self.parts
+        rest = copy.copy(self)
+        rest.parts = [("", first), *others]
+        return lead.strip(), rest
+
     def check_invertible(self, where: str, required: list[str]) -> None:
         """Every required field exactly once, text between slots, one line (generation stops at a newline)."""
         for field in required:
@@ -181,6 +189,9 @@ class Task:
         known = self._input_fields
         self._generation_template = _Template(spec.generation_template, "task.generation_template", known)
         self._generation_template.check_invertible("task.generation_template", known)
+        # The teacher is handed the template's opening literal ("Premise:") and writes from the first
+        # field on: a small teacher rarely opens a pair with the right marker by itself.
+        self._generation_lead, self._written_template = self._generation_template.split_lead()
         self._classification_template = None
         if spec.classification_template is not None:
             self._classification_template = _Template(
@@ -332,19 +343,28 @@ class Task:
 
     # ------------------------------------------------------------------------------ generation
     def generation_prompt(self, label: int) -> str:
-        """The text that precedes a generated example of `label` (after the soft prompt)."""
-        return f"Task: {self.description}. Label: {self.verbalisers[label]}. Text:"
+        """The text that precedes a generated example of `label` (after the soft prompt); it ends with
+        the generation template's opening literal, if any."""
+        lead = f" {self._generation_lead}" if self._generation_lead else ""
+        return f"Task: {self.description}. Label: {self.verbalisers[label]}. Text:{lead}"
 
     def generation_text(self, example: Example) -> str:
         """The example as the teacher learns to write it after `generation_prompt`, with a leading space."""
-        return " " + self._generation_template.render(example.fields)
+        return " " + self._written_template.render(example.fields)
+
+    def example_text(self, example: Example) -> str:
+        """The example as one line: the whole generation template, opening literal included."""
+        return self._generation_template.render(example.fields)
 
     def parse_generation(self, text: str, label: int) -> Example | None:
-        """Recover an example from generated text; None when it does not parse."""
+        """Recover an example from what the teacher wrote after `generation_prompt`; None when it does not parse."""
         text = text.split("\n", 1)[0]
         for marker in ("Task:", "Label:"):  # the model went on to write a new example
             text = text.split(marker, 1)[0]
-        fields = self._generation_template.match(text.strip())
+        text = text.strip()
+        if self._generation_lead:  # the teacher repeated the opening literal it was handed
+            text = text.removeprefix(self._generation_lead).strip()
+        fields = self._written_template.match(text)
         if fields is None or not all(fields.values()):
             return None
         if self.question_field and fields[self.question_field] not in self.connectives:

@@ -147,7 +147,7 @@ class Teacher:
         'mean_pool' (the example's generation text alone, see `hidden_states`)."""
         if state == "answer":
             return self.read(examples, batch_size, layer)
-        texts = [self.task.generation_text(example).strip() for example in examples]
+        texts = [self.task.example_text(example) for example in examples]
         return self.classify_raw(examples, batch_size), self.hidden_states(texts, layer, batch_size)
 
     def _choice_probs(self, examples: list[Example], batch_size: int, state_layer: int | None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -132,8 +132,12 @@ def test_variants_share_the_stages_they_should(tiny_models, tmp_path):
         store_fractions=[0.25],
         rank_weights=[0.1],
         job={"teacher": {"model": tiny_models["teacher"]}, "student": {"model": tiny_models["student"]}},
+        task_job={"rte": {"generate": {"max_new_tokens": 96}}},
     )
     specs = quality.variant_specs(profile, "test", "sst2", 0, tmp_path)
+    assert specs["full"].generate.max_new_tokens == 48  # the rte override leaves sst2 alone
+    rte = quality.variant_specs(profile, "test", "rte", 0, tmp_path)
+    assert rte["full"].generate.max_new_tokens == 96 and rte["full"].teacher.model == tiny_models["teacher"]
     assert set(specs) == {"full", "zerogen", "no_ppo", "no_rank", "rank_b0.1", "store_25"}
     hashes = {variant: {stage.name: stage.stage_hash for stage in plan(spec, tmp_path / variant)} for variant, spec in specs.items()}
     full = hashes["full"]

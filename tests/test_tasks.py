@@ -96,7 +96,10 @@ def test_prompts():
     assert sst2.spec.answer_prefix == "The sentiment of the review is"
     rte = task("rte")
     pair = Example({"premise": "A dog runs.", "hypothesis": "An animal moves."}, 0)
-    assert rte.generation_text(pair) == " Premise: A dog runs. Hypothesis: An animal moves."
+    # The teacher is handed the template's opening literal and writes the rest.
+    assert rte.generation_prompt(0).endswith(". Label: yes. Text: Premise:")
+    assert rte.generation_text(pair) == " A dog runs. Hypothesis: An animal moves."
+    assert rte.example_text(pair) == "Premise: A dog runs. Hypothesis: An animal moves."
     assert rte.classification_prompt(pair) == (
         'A dog runs.\nQuestion: Does this imply that "An animal moves."? Yes or no?'
     )
@@ -115,8 +118,9 @@ def test_copa_choice_rows():
         },
         1,
     )
+    assert copa.generation_prompt(1).endswith("Label: 2. Text: Premise:")
     assert copa.generation_text(example) == (
-        " Premise: The man turned on the faucet. Question: effect"
+        " The man turned on the faucet. Question: effect"
         " Alternative 1: The toilet filled with water. Alternative 2: Water flowed from the spout."
     )
     assert copa.choice_contexts(example) == [
@@ -305,8 +309,10 @@ def test_custom_templates_are_used():
         student_template="{question} [SEP] {context}",
     )
     example = Example({"question": "Why?", "context": "Because."}, 1)
-    assert t.generation_text(example) == " Q: Why? C: Because."
-    assert t.parse_generation(" Q: Why? C: Because.", 1) == example
+    assert t.generation_prompt(1).endswith("Text: Q:")
+    assert t.generation_text(example) == " Why? C: Because."
+    assert t.parse_generation(" Why? C: Because.", 1) == example
+    assert t.parse_generation(" Q: Why? C: Because.", 1) == example  # the opening literal repeated
     assert t.student_inputs(example) == [("Why? [SEP] Because.", None)]
 
 
