@@ -155,6 +155,37 @@ def test_generate_stage_counts_everything_it_drops(sst2_run):
     assert len(list((run_dir / "generate" / "shards").glob("*.parquet"))) == 4
 
 
+def test_filtering_names_why_each_sample_was_dropped(tiny_models, tmp_path):
+    from retrikt_ray.stages.generate import filter_samples
+    from retrikt_ray.tasks import Task
+
+    # A random tiny encoder may put any two texts close: near duplicates are tested in the sst2 run.
+    spec = tiny_spec(tiny_models, tmp_path, task="rte", generate__min_words=3, generate__max_words=12, generate__near_duplicate_cosine=1.0)
+    budget = spec.generate.max_new_tokens
+    texts_tokens = [
+        ("A dog runs. Hypothesis: An animal moves.", 9),
+        ("Premise: A cat sleeps. Hypothesis: It is awake.", 11),  # repeats the opening literal it was handed
+        ("a dog runs.  Hypothesis: an animal moves.", 9),
+        ("A cat sleeps on the warm mat by the", budget),  # ran out of tokens before the hypothesis
+        ("A cat sleeps on the mat.", 7),  # stopped without a hypothesis
+        ("Hi.", 2),
+        ("one two three four five six seven eight nine ten eleven twelve thirteen", budget),
+    ]
+    generated = pd.DataFrame({"text": [t for t, _ in texts_tokens], "label": [0] * 7, "tokens": [n for _, n in texts_tokens]})
+    kept, dropped = filter_samples(spec, Task.from_spec(spec.task), generated)
+    assert {reason: count for reason, count in dropped.items() if count} == {
+        "exact_duplicate": 1,
+        "cut_off": 1,
+        "unparseable": 1,
+        "too_short": 1,
+        "too_long": 1,
+    }
+    assert [json.loads(fields) for fields in kept["fields"]] == [
+        {"premise": "A dog runs.", "hypothesis": "An animal moves."},
+        {"premise": "A cat sleeps.", "hypothesis": "It is awake."},
+    ]
+
+
 def test_store_stage_indexes_every_kept_sample(sst2_run):
     spec, run_dir = sst2_run
     store = KnowledgeStore.load(run_dir / "store")

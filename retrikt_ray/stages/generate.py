@@ -191,13 +191,16 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
 
 
 def filter_samples(spec: JobSpec, task: Task, generated) -> tuple:
-    """Parse, length bounds, exact and near duplicates. Returns (kept frame, Counter of drop reasons)."""
+    """Parse, length bounds, exact and near duplicates. Returns (kept frame, Counter of drop reasons).
+
+    A sample that does not parse and used all `max_new_tokens` counts as `cut_off` rather than
+    `unparseable`: the budget, not the teacher's form, is then what to change."""
     import pandas as pd
 
     settings = spec.generate
     dropped: Counter = Counter()
     records, seen = [], set()
-    for text, label in zip(generated["text"], generated["label"]):
+    for text, label, tokens in zip(generated["text"], generated["label"], generated["tokens"]):
         words = len(text.split())
         if words < settings.min_words:
             dropped["too_short"] += 1
@@ -207,7 +210,7 @@ def filter_samples(spec: JobSpec, task: Task, generated) -> tuple:
             continue
         example = task.parse_generation(text, int(label))
         if example is None:
-            dropped["unparseable"] += 1
+            dropped["cut_off" if tokens >= settings.max_new_tokens else "unparseable"] += 1
             continue
         key = (int(label), " ".join(text.lower().split()))
         if key in seen:
