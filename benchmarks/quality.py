@@ -416,7 +416,7 @@ def markdown(results: dict, profile: Profile) -> str:
     lines += [
         "## Generated samples and PPO",
         "",
-        "| task / seed | PPO, same fixed draws: label consistency stage-1 -> final prompt | distinct-2 stage-1 -> final | pool: teacher agreement (kept) | pool distinct-2 |",
+        "| task / seed | PPO, same fixed draws: label consistency stage-1 -> final prompt | distinct-2 stage-1 -> final | pool: teacher agreement (kept of generated) | pool distinct-2 |",
         "|---|---|---|---|---|",
     ]
     for key, extra in sorted(results["extras"].items()):
@@ -424,7 +424,7 @@ def markdown(results: dict, profile: Profile) -> str:
         consistency = f"{rollouts['before']['consistency_rate']:.2f} -> {rollouts['after']['consistency_rate']:.2f}" if rollouts else "-"
         diversity = f"{rollouts['before']['distinct_2']:.2f} -> {rollouts['after']['distinct_2']:.2f}" if rollouts else "-"
         pools = extra["generated_pool"]
-        agreement = " vs ".join(f"{name} {pool['teacher_agreement']:.2f} ({pool['kept']})" for name, pool in pools.items())
+        agreement = " vs ".join(f"{name} {pool['teacher_agreement']:.2f} ({pool['kept']} of {pool['generated']})" for name, pool in pools.items())
         distinct = " vs ".join(f"{name} {pool['distinct_2']:.2f}" for name, pool in pools.items())
         lines.append(f"| {key} | {consistency} | {diversity} | {agreement} | {distinct} |")
     lines += ["", "## Size and CPU latency (one example at a time)", "", "| task / seed | teacher params | teacher ms | student params + store rows | student+store ms |", "|---|---|---|---|---|"]
