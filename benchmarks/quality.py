@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from retrikt_ray.baselines import BaselineSettings
-from retrikt_ray.config import JobSpec
+from retrikt_ray.config import JobSpec, format_validation_error
 
 # Row order of the table, with the label each method is shown under.
 METHODS = {
@@ -71,12 +71,22 @@ class Profile(BaseModel):
     )
     baselines: BaselineSettings = Field(default_factory=BaselineSettings, description="Budgets of the student-alone baselines")
 
+    @model_validator(mode="after")
+    def _task_job_names_profile_tasks(self):
+        unknown = sorted(set(self.task_job) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"task_job: {', '.join(unknown)} not in tasks {self.tasks}")
+        return self
+
 
 def load_profile(path: Path, name: str) -> Profile:
     profiles = yaml.safe_load(Path(path).read_text())["profiles"]
     if name not in profiles:
         raise SystemExit(f"--profile {name}: not in {path} (one of {', '.join(profiles)})")
-    return Profile.model_validate(profiles[name])
+    try:
+        return Profile.model_validate(profiles[name])
+    except ValidationError as error:
+        raise SystemExit(f"{path}, profile {name}: {format_validation_error(error)}") from None
 
 
 def fraction_method(fraction: float) -> str:

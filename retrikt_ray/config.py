@@ -409,7 +409,8 @@ def content_hash(payload: Any) -> str:
 
 
 # -------------------------------------------------------------------------------------- loading
-def _format_error(error: ValidationError) -> str:
+def format_validation_error(error: ValidationError) -> str:
+    """The first failure as one line, `section.field: message`."""
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
@@ -469,7 +470,7 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | None = None
     try:
         spec = JobSpec.model_validate(raw, context={"base": base})
     except ValidationError as error:
-        raise SpecError(_format_error(error)) from None
+        raise SpecError(format_validation_error(error)) from None
     return resolve_paths(spec, base)
 
 

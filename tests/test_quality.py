@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from retrikt_ray import baselines
 from retrikt_ray.config import JobSpec
@@ -125,7 +126,7 @@ def test_tuned_prompt_teacher_scores_each_text_under_each_label_prompt(tiny_mode
 def test_variants_share_the_stages_they_should(tiny_models, tmp_path):
     profile = quality.Profile(
         description="test",
-        tasks=["sst2"],
+        tasks=["sst2", "rte"],
         seeds=[0],
         shots=4,
         ablation_tasks=["sst2"],
@@ -138,6 +139,10 @@ def test_variants_share_the_stages_they_should(tiny_models, tmp_path):
     assert specs["full"].generate.max_new_tokens == 48  # the rte override leaves sst2 alone
     rte = quality.variant_specs(profile, "test", "rte", 0, tmp_path)
     assert rte["full"].generate.max_new_tokens == 96 and rte["full"].teacher.model == tiny_models["teacher"]
+    budgets = tmp_path / "budgets.yaml"
+    budgets.write_text(yaml.safe_dump({"profiles": {"typo": {**profile.model_dump(), "task_job": {"rtee": {}}}}}))
+    with pytest.raises(SystemExit, match=r"budgets.yaml, profile typo: task_job: rtee not in tasks \['sst2', 'rte'\]$"):
+        quality.load_profile(budgets, "typo")
     assert set(specs) == {"full", "zerogen", "no_ppo", "no_rank", "rank_b0.1", "store_25"}
     hashes = {variant: {stage.name: stage.stage_hash for stage in plan(spec, tmp_path / variant)} for variant, spec in specs.items()}
     full = hashes["full"]
