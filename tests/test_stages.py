@@ -96,9 +96,29 @@ def test_ppo_stage_logs_every_reward_term_and_moves_the_prompt(sst2_run):
         assert 0.0 <= measured["consistency_rate"] <= 1.0 and 0.0 <= measured["distinct_2"] <= 1.0
         assert -1.0 <= measured["mean_max_cos"] <= 1.0
     assert (run_dir / "ppo" / "ppo_curves.png").stat().st_size > 1000
+    assert 0.0 <= metrics["teacher_accuracy_labelled"] <= 1.0 and metrics["labelled_majority_share"] == 0.5
+    assert f"of the {metrics['labelled_examples']} labelled examples right" in manifest(run_dir, "ppo")["summary"]
     before = load_file(str(run_dir / "prompt" / "soft_prompt.safetensors"))["soft_prompt"]
     after = load_file(str(run_dir / "ppo" / "soft_prompt.safetensors"))["soft_prompt"]
     assert not np.allclose(before.numpy(), after.numpy())
+
+
+def test_ppo_says_when_the_teacher_labels_the_labelled_examples_no_better_than_the_majority_label():
+    from retrikt_ray.stages.ppo import describe_teacher_on_labelled, teacher_on_labelled
+
+    labels = np.array([0] * 8 + [1] * 8 + [2] * 16)
+    measured = teacher_on_labelled(np.eye(3)[labels], labels)
+    assert measured == {"teacher_accuracy_labelled": 1.0, "labelled_majority_share": 0.5, "labelled_examples": 32}
+    assert "not clearly better" not in describe_teacher_on_labelled(measured)
+    # Always "2" scores the majority share; two more right (56%) is within one standard error (8.8 points) of it.
+    always_majority = np.tile([0.2, 0.2, 0.6], (len(labels), 1))
+    for right in (0, 2):
+        probs = always_majority.copy()
+        probs[:right] = np.eye(3)[labels[:right]]
+        assert "not clearly better than always answering the majority label" in describe_teacher_on_labelled(teacher_on_labelled(probs, labels))
+    probs = always_majority.copy()
+    probs[:4] = np.eye(3)[labels[:4]]  # 62.5%: more than one standard error above 50%
+    assert "not clearly better" not in describe_teacher_on_labelled(teacher_on_labelled(probs, labels))
 
 
 def test_a_per_label_prompt_goes_in_front_of_its_own_labels_generation_prompt(tiny_models, tmp_path):

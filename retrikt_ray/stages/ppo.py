@@ -65,9 +65,32 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         counts={"rollouts": metrics["rollouts"]},
         summary=(
             f"label consistency {before['consistency_rate']:.2f} -> {after['consistency_rate']:.2f}, "
-            f"distinct-2 {before['distinct_2']:.2f} -> {after['distinct_2']:.2f}"
+            f"distinct-2 {before['distinct_2']:.2f} -> {after['distinct_2']:.2f}; {describe_teacher_on_labelled(metrics)}"
         ),
     )
+
+
+def teacher_on_labelled(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """How well the calibrated teacher classifier p_C, the labeller of the reward and of the store,
+    labels the user's labelled examples, beside the share of their most common label."""
+    return {
+        "teacher_accuracy_labelled": float((probs.argmax(axis=1) == labels).mean()),
+        "labelled_majority_share": float(np.bincount(labels).max() / len(labels)),
+        "labelled_examples": len(labels),
+    }
+
+
+def describe_teacher_on_labelled(measured: dict[str, float]) -> str:
+    """One line; it warns when the teacher is not clearly better than always answering the majority
+    label: within one standard error of that guesser's accuracy on this many examples."""
+    accuracy, majority, count = measured["teacher_accuracy_labelled"], measured["labelled_majority_share"], measured["labelled_examples"]
+    line = f"the teacher labels {accuracy:.0%} of the {count} labelled examples right (majority label {majority:.0%})"
+    if accuracy < majority + math.sqrt(majority * (1 - majority) / count):
+        line += (
+            ": not clearly better than always answering the majority label, so the soft labels it gives the store"
+            " carry little task signal; a larger teacher may be needed"
+        )
+    return line
 
 
 class PromptPolicy(torch.nn.Module):
@@ -187,7 +210,7 @@ def train_loop(config: dict) -> None:
 
     from ..retrieval_student import RetrievalStudent
     from ..rl import approx_kl, gae, policy_loss, token_rewards, value_loss, whiten
-    from ..teacher import Teacher
+    from ..teacher import Teacher, calibrate
     from ..training import Checkpoints, Optimiser, report_outputs, set_threads, worker_context, worker_spec
 
     spec = worker_spec(config)
@@ -198,11 +221,11 @@ def train_loop(config: dict) -> None:
     task, few_shot = load_few_shot(spec)
     teacher = Teacher.from_spec(spec, task, device=device)
     encoder = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
-    reference_mean = (
-        teacher.content_free_reference()
-        if spec.teacher.calibration == "content_free"
-        else teacher.classify_raw(few_shot, spec.teacher.classify_batch_size).mean(axis=0)
-    )
+    raw_labelled = teacher.classify_raw(few_shot, spec.teacher.classify_batch_size)
+    reference_mean = teacher.content_free_reference() if spec.teacher.calibration == "content_free" else raw_labelled.mean(axis=0)
+    labelled = teacher_on_labelled(calibrate(raw_labelled, reference_mean), np.array([example.label for example in few_shot]))
+    if rank == 0:
+        print(f"[ppo] {describe_teacher_on_labelled(labelled)}", flush=True)
     rewards = RewardModel(spec, teacher, task, encoder, reference_mean)
     reference_prompt = torch.tensor(config["initial_prompt"], device=device)
     policy = PromptPolicy(reference_prompt, task.num_labels if settings.per_label_prompt else None).to(device)
@@ -289,6 +312,7 @@ def train_loop(config: dict) -> None:
             "rollouts": settings.updates * per_label * task.num_labels * world,
             "updates": settings.updates,
             "resumed_from_update": checkpoints.resumed_from,
+            **labelled,
         },
         write,
         optimiser,
