@@ -70,7 +70,7 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
     )
 
 
-def teacher_on_labelled(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def teacher_on_labelled(probs: np.ndarray, labels: np.ndarray) -> dict[str, float | int]:
     """How well the calibrated teacher classifier p_C, the labeller of the reward and of the store,
     labels the user's labelled examples, beside the share of their most common label."""
     return {
@@ -80,7 +80,7 @@ def teacher_on_labelled(probs: np.ndarray, labels: np.ndarray) -> dict[str, floa
     }
 
 
-def describe_teacher_on_labelled(measured: dict[str, float]) -> str:
+def describe_teacher_on_labelled(measured: dict[str, float | int]) -> str:
     """One line; it warns when the teacher is not clearly better than always answering the majority
     label: within one standard error of that guesser's accuracy on this many examples."""
     accuracy, majority, count = measured["teacher_accuracy_labelled"], measured["labelled_majority_share"], measured["labelled_examples"]
