@@ -90,7 +90,7 @@ def load_profile(path: Path, name: str) -> Profile:
 
 
 def fraction_method(fraction: float) -> str:
-    return f"retrikt_store_{round(fraction * 100)}"
+    return f"retrikt_store_{fraction * 100:g}"
 
 
 def rank_method(weight: float) -> str:
@@ -101,7 +101,7 @@ def method_labels(profile: Profile) -> dict[str, str]:
     """Row order of the table with each method's label: METHODS, then the profile's own ablations."""
     labels = dict(METHODS)
     labels.update({rank_method(weight): f"ablation: L_rank weight b = {weight:g}" for weight in profile.rank_weights})
-    labels.update({fraction_method(fraction): f"ablation: store {round(fraction * 100)}%" for fraction in profile.store_fractions})
+    labels.update({fraction_method(fraction): f"ablation: store {fraction * 100:g}%" for fraction in profile.store_fractions})
     return labels
 
 
