@@ -264,3 +264,16 @@ def test_teacher_states_benchmark_writes_its_table_for_a_finished_run(sst2_run, 
     assert [row["representation"].split(" (")[0] for row in rows] == ["teacher answer", "teacher mean_pool", "student encoder before training"]
     assert all(0.0 <= row["accuracy_raw"] <= 1.0 for row in rows)
     assert "| teacher answer | -1 |" in (tmp_path / "states.md").read_text()
+
+
+def test_every_committed_profile_gives_valid_job_specs(tmp_path):
+    budgets = Path(quality.__file__).with_name("quality.yaml")
+    for name in yaml.safe_load(budgets.read_text())["profiles"]:
+        profile = quality.load_profile(budgets, name)
+        for task in profile.tasks:
+            specs = quality.variant_specs(profile, name, task, profile.seeds[0], tmp_path)
+            assert specs["full"].task.name == task and specs["full"].data.shots == profile.shots
+    pool = quality.variant_specs(quality.load_profile(budgets, "cpu-pool"), "cpu-pool", "sst2", 0, tmp_path)
+    small = quality.variant_specs(quality.load_profile(budgets, "cpu-small"), "cpu-small", "sst2", 0, tmp_path)
+    assert pool["full"].generate.samples_per_label == 4 * small["full"].generate.samples_per_label
+    assert pool["full"].ppo == small["full"].ppo and pool["full"].student == small["full"].student
