@@ -395,7 +395,7 @@ def write_results(out: Path, profile_name: str, profile: Profile, cells: Cells, 
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(results, profile))
+    out.with_suffix(".md").write_text(markdown(results, profile, out.name))
     plot_accuracy(table, profile.tasks, method_labels(profile), out.parent / f"{out.name}_accuracy.png")
     if profile.ablation_tasks:
         plot_store_size(table, profile.store_fractions, profile.ablation_tasks[0], out.parent / f"{out.name}_store_size.png")
@@ -405,7 +405,7 @@ def write_results(out: Path, profile_name: str, profile: Profile, cells: Cells, 
     return results
 
 
-def markdown(results: dict, profile: Profile) -> str:
+def markdown(results: dict, profile: Profile, stem: str) -> str:
     table, tasks = results["table"], profile.tasks
     lines = [
         f"# Quality: profile `{results['profile']}`, k = {profile.shots} labelled examples per class (COPA: in total)",
@@ -445,8 +445,8 @@ def markdown(results: dict, profile: Profile) -> str:
         lines.append(f"| {key} | {teacher_params} | {teacher_ms} | {params['student']:,} + {params['store_rows']:,} | {latency['student_store']:.1f} |")
     lines += [
         "",
-        "Plots: `quality_accuracy.png` (accuracy per method per task), `quality_store_size.png` (SST-2 accuracy",
-        "against store size), `quality_ppo.png` (PPO reward terms per update).",
+        f"Plots: `{stem}_accuracy.png` (accuracy per method per task), `{stem}_store_size.png` (SST-2 accuracy",
+        f"against store size), `{stem}_ppo.png` (PPO reward terms per update).",
         "",
         f"Machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}.",
         "",
@@ -495,7 +495,7 @@ def main() -> None:
                 for task in tasks:
                     run_task_seed(profile, args.profile, task, seed, Path(args.runs_dir), cells)
     results = write_results(out, args.profile, profile, cells, started)
-    print(markdown(results, profile))
+    print(markdown(results, profile, out.name))
 
 
 if __name__ == "__main__":
