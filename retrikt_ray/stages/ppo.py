@@ -22,6 +22,7 @@ import torch
 from ..artifacts import StageResult, StageRun
 from ..config import TEACHER_CLASSIFIER, JobSpec
 from ..tasks import load_few_shot
+from .evaluate import accuracy
 
 NAME = "ppo"
 INPUTS = ("prompt",)
@@ -74,7 +75,7 @@ def teacher_on_labelled(probs: np.ndarray, labels: np.ndarray) -> dict[str, floa
     """How well the calibrated teacher classifier p_C, the labeller of the reward and of the store,
     labels the user's labelled examples, beside the share of their most common label."""
     return {
-        "teacher_accuracy_labelled": float((probs.argmax(axis=1) == labels).mean()),
+        "teacher_accuracy_labelled": accuracy(labels, probs),
         "labelled_majority_share": float(np.bincount(labels).max() / len(labels)),
         "labelled_examples": len(labels),
     }
