@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from retrikt_ray.baselines import BaselineSettings
 from retrikt_ray.config import JobSpec, format_validation_error
+from retrikt_ray.stages.evaluate import accuracy
 
 # Row order of the table, with the label each method is shown under.
 METHODS = {
@@ -282,10 +283,6 @@ class Cells:
             self.write_hook()
 
 
-def dev_accuracy(gold: np.ndarray, probs: np.ndarray) -> float:
-    return float((np.asarray(probs).argmax(axis=1) == gold).mean())
-
-
 def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int, runs_dir: Path, cells: Cells) -> None:
     """Every cell of one task and seed that is not finished yet."""
     from retrikt_ray import baselines
@@ -309,9 +306,9 @@ def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int
         cells.add(task_name, seed, method, accuracy, time.perf_counter() - started)
 
     settings = profile.baselines
-    cell("student_finetuned", lambda: dev_accuracy(gold, baselines.head_predictions(task, baselines.finetune_student(full, task, few_shot, settings), dev)))
-    cell("student_linear_probe", lambda: dev_accuracy(gold, baselines.head_predictions(task, baselines.linear_probe(full, task, few_shot, settings), dev)))
-    cell("student_setfit", lambda: dev_accuracy(gold, baselines.setfit_student(full, task, few_shot, dev, settings)))
+    cell("student_finetuned", lambda: accuracy(gold, baselines.head_predictions(task, baselines.finetune_student(full, task, few_shot, settings), dev)))
+    cell("student_linear_probe", lambda: accuracy(gold, baselines.head_predictions(task, baselines.linear_probe(full, task, few_shot, settings), dev)))
+    cell("student_setfit", lambda: accuracy(gold, baselines.setfit_student(full, task, few_shot, dev, settings)))
 
     run_dirs: dict[str, Path] = {}
 
@@ -377,7 +374,7 @@ def tuned_prompt_accuracy(spec: JobSpec, task, dev, gold: np.ndarray, run_dir: P
     soft_prompt = load_file(str(run_dir / "prompt" / "soft_prompt.safetensors"))["soft_prompt"]
     teacher = Teacher.from_spec(spec, task, soft_prompt)
     raw = tuned_prompt_teacher(teacher, dev, settings.teacher_batch_size)
-    return dev_accuracy(gold, calibrate(raw, raw.mean(axis=0)))
+    return accuracy(gold, calibrate(raw, raw.mean(axis=0)))
 
 
 # ------------------------------------------------------------------------------------------ writing

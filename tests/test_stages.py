@@ -98,6 +98,7 @@ def test_ppo_stage_logs_every_reward_term_and_moves_the_prompt(sst2_run):
     assert (run_dir / "ppo" / "ppo_curves.png").stat().st_size > 1000
     assert 0.0 <= metrics["teacher_accuracy_labelled"] <= 1.0 and metrics["labelled_majority_share"] == 0.5
     assert f"of the {metrics['labelled_examples']} labelled examples right" in manifest(run_dir, "ppo")["summary"]
+    assert f"draws parsed {metrics['before']['valid_rate']:.2f} -> {metrics['after']['valid_rate']:.2f}" in manifest(run_dir, "ppo")["summary"]
     before = load_file(str(run_dir / "prompt" / "soft_prompt.safetensors"))["soft_prompt"]
     after = load_file(str(run_dir / "ppo" / "soft_prompt.safetensors"))["soft_prompt"]
     assert not np.allclose(before.numpy(), after.numpy())
@@ -119,6 +120,16 @@ def test_ppo_says_when_the_teacher_labels_the_labelled_examples_no_better_than_t
     probs = always_majority.copy()
     probs[:4] = np.eye(3)[labels[:4]]  # 62.5%: more than one standard error above 50%
     assert "not clearly better" not in describe_teacher_on_labelled(teacher_on_labelled(probs, labels))
+
+
+def test_ppo_says_what_to_change_when_few_of_the_stage1_prompts_draws_parse():
+    from retrikt_ray.stages.ppo import describe_stage1_draws
+
+    spec = JobSpec.model_validate({"task": {"name": "copa"}, "prompt": {"epochs": 3}, "ppo": {"max_new_tokens": 56}})
+    assert describe_stage1_draws({"valid_rate": 21 / 32}, 32, spec) == "the stage-1 prompt writes 21 of 32 fixed draws in the task's template"
+    few = describe_stage1_draws({"valid_rate": 7 / 32}, 32, spec)
+    assert few.startswith("the stage-1 prompt writes 7 of 32 fixed draws in the task's template: PPO learns little")
+    assert "prompt.epochs, now 3" in few and "ppo.max_new_tokens, now 56" in few
 
 
 def test_a_per_label_prompt_goes_in_front_of_its_own_labels_generation_prompt(tiny_models, tmp_path):

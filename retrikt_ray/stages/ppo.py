@@ -44,6 +44,8 @@ CONSISTENCY_FLOOR = 1e-2
 # Seeds of the fixed draws that measure a prompt, apart from every rollout seed (1_000_003 * update + ...).
 EVAL_SEED = 7
 SOFT_PROMPT = "soft_prompt.safetensors"
+# Below this share of the stage-1 prompt's fixed draws parsing, PPO has too few valid samples to learn from.
+FEW_PARSED_DRAWS = 0.25
 
 
 def run(spec: JobSpec, stage: StageRun) -> StageResult:
@@ -66,7 +68,8 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         counts={"rollouts": metrics["rollouts"]},
         summary=(
             f"label consistency {before['consistency_rate']:.2f} -> {after['consistency_rate']:.2f}, "
-            f"distinct-2 {before['distinct_2']:.2f} -> {after['distinct_2']:.2f}; {describe_teacher_on_labelled(metrics)}"
+            f"distinct-2 {before['distinct_2']:.2f} -> {after['distinct_2']:.2f}, "
+            f"draws parsed {before['valid_rate']:.2f} -> {after['valid_rate']:.2f}; {describe_teacher_on_labelled(metrics)}"
         ),
     )
 
@@ -90,6 +93,19 @@ def describe_teacher_on_labelled(measured: dict[str, float | int]) -> str:
         line += (
             ": not clearly better than always answering the majority label, so the soft labels it gives the store"
             " carry little task signal; a larger teacher may be needed"
+        )
+    return line
+
+
+def describe_stage1_draws(before: dict[str, float], draws: int, spec: JobSpec) -> str:
+    """One line on how many of the stage-1 prompt's fixed draws parse; when few do, it says what to change:
+    every draw that does not parse scores the same penalty, so PPO cannot tell them apart."""
+    parsed = round(before["valid_rate"] * draws)
+    line = f"the stage-1 prompt writes {parsed} of {draws} fixed draws in the task's template"
+    if before["valid_rate"] < FEW_PARSED_DRAWS:
+        line += (
+            ": PPO learns little from draws that do not parse; train the stage-1 prompt longer"
+            f" (prompt.epochs, now {spec.prompt.epochs}) or give the teacher more tokens (ppo.max_new_tokens, now {spec.ppo.max_new_tokens})"
         )
     return line
 
@@ -259,6 +275,8 @@ def train_loop(config: dict) -> None:
         before = resumed["before"]
     else:
         before = measure(reference_prompt)
+    if before is not None:
+        print(f"[ppo] {describe_stage1_draws(before, settings.eval_samples_per_label * task.num_labels, spec)}", flush=True)
     bar = tqdm(total=settings.updates, initial=start, desc="ppo", disable=rank != 0)
     for update in range(start, settings.updates):
         groups, scores, texts = collect(update)
