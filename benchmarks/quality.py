@@ -342,6 +342,7 @@ def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int
         extra = {
             "ppo_rollouts": {name: {k: ppo[name][k] for k in ("consistency_rate", "distinct_2", "mean_max_cos")} for name in ("before", "after")} if ppo.get("history") else None,
             "ppo_history": ppo.get("history"),
+            "ppo_kept_stage1_prompt": ppo.get("kept_stage1_prompt", False),
             "parameters": {"teacher": evaluation.get("params_teacher"), "student": evaluation["params_student"], "store_rows": evaluation["store_rows"]},
             "cpu_ms_per_example": {"teacher": evaluation.get("ms_per_example_teacher"), "student_store": evaluation["ms_per_example_student_store"]},
             "dev_examples": evaluation["dev_examples"],
@@ -429,6 +430,8 @@ def markdown(results: dict, profile: Profile, stem: str) -> str:
     for key, extra in sorted(results["extras"].items()):
         rollouts = extra.get("ppo_rollouts")
         consistency = f"{rollouts['before']['consistency_rate']:.2f} -> {rollouts['after']['consistency_rate']:.2f}" if rollouts else "-"
+        if extra.get("ppo_kept_stage1_prompt"):
+            consistency += " (final prompt scored lower: stage-1 prompt kept)"
         diversity = f"{rollouts['before']['distinct_2']:.2f} -> {rollouts['after']['distinct_2']:.2f}" if rollouts else "-"
         pools = extra["generated_pool"]
         agreement = " vs ".join(f"{name} {pool['teacher_agreement']:.2f} ({pool['kept']} of {pool['generated']})" for name, pool in pools.items())

@@ -198,6 +198,11 @@ class PPOSpec(DeepSpeedOption):
     eval_samples_per_label: int = Field(
         48, ge=1, description="Samples per label drawn on fixed seeds from the stage-1 and the final prompt, to measure what PPO changed"
     )
+    keep_stage1_when_worse: bool = Field(
+        True,
+        description="Pass on the stage-1 prompt instead of the final one when the final prompt's mean reward on the fixed draws is "
+        "lower than the stage-1 prompt's (PPO made things worse, e.g. its steps broke the form of a long template)",
+    )
 
 
 class GenerateSpec(Section):

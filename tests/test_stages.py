@@ -172,6 +172,30 @@ def test_ppo_with_per_label_prompts_tunes_each_labels_copy_and_generates_from_th
     assert manifest(run_dir, "generate")["counts"]["generated"] == 2 * spec.generate.samples_per_label
 
 
+def test_ppo_passes_on_the_stage1_prompt_when_the_final_one_scores_lower_on_the_fixed_draws(sst2_run, tmp_path):
+    from retrikt_ray.stages.ppo import keeps_stage1_prompt
+
+    spec, shared = sst2_run
+    spec = spec.model_copy(deep=True)
+    spec.storage.runs_dir = str(tmp_path / "runs")
+    spec.ppo.keep_stage1_when_worse = True
+    shutil.copytree(shared, run_dir_for(spec), ignore=shutil.ignore_patterns("ppo", "generate", "store", "student", "evaluate"))
+    run_dir, _ = run_logged(spec, only="ppo")
+    metrics, summary = manifest(run_dir, "ppo")["metrics"], manifest(run_dir, "ppo")["summary"]
+    worse = metrics["after"]["reward"] < metrics["before"]["reward"]
+    assert metrics["kept_stage1_prompt"] == worse
+    assert ("the stage-1 prompt is kept" in summary) == worse
+    stage_one = load_file(str(run_dir / "prompt" / "soft_prompt.safetensors"))["soft_prompt"].numpy()
+    passed_on = load_file(str(run_dir / "ppo" / "soft_prompt.safetensors"))["soft_prompt"].numpy()
+    assert np.allclose(passed_on, stage_one) == worse
+
+    before, after = {"reward": -0.85, "valid_rate": 0.65}, {"reward": -4.6, "valid_rate": 0.0}
+    assert keeps_stage1_prompt(before, after, spec) and not keeps_stage1_prompt(after, before, spec)
+    assert not keeps_stage1_prompt(before, before, spec)
+    spec.ppo.keep_stage1_when_worse = False
+    assert not keeps_stage1_prompt(before, after, spec)
+
+
 def test_generate_stage_counts_everything_it_drops(sst2_run):
     spec, run_dir = sst2_run
     counts = manifest(run_dir, "generate")["counts"]

@@ -8,7 +8,8 @@ the last hidden state) is the critic. Sequence reward per sample:
 with a per-token KL penalty to the reference, GAE, the clipped surrogate and a clipped value loss.
 Every reward term is logged per update; `ppo_curves.png` plots them. What PPO changed is measured on
 fixed draws (`eval_samples_per_label` per label, the same seeds) from the stage-1 and the final prompt:
-the manifest's `before` and `after`.
+the manifest's `before` and `after`. When the final prompt scores a lower mean reward on them than the
+stage-1 prompt, the stage passes on the stage-1 prompt and says so (`ppo.keep_stage1_when_worse`).
 """
 
 from __future__ import annotations
@@ -63,14 +64,28 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
     metrics = fit(train_loop, {"initial_prompt": prompt.tolist()}, spec, stage, spec.ppo.minibatch_size)
     plot_curves(metrics["history"], stage.dir / "ppo_curves.png")
     before, after = metrics["before"], metrics["after"]
+    kept = f"; {describe_kept_prompt(before, after, spec)}" if metrics["kept_stage1_prompt"] else ""
     return StageResult(
         metrics=metrics,
         counts={"rollouts": metrics["rollouts"]},
         summary=(
             f"label consistency {before['consistency_rate']:.2f} -> {after['consistency_rate']:.2f}, "
             f"distinct-2 {before['distinct_2']:.2f} -> {after['distinct_2']:.2f}, "
-            f"draws parsed {before['valid_rate']:.2f} -> {after['valid_rate']:.2f}; {describe_teacher_on_labelled(metrics)}"
+            f"draws parsed {before['valid_rate']:.2f} -> {after['valid_rate']:.2f}{kept}; {describe_teacher_on_labelled(metrics)}"
         ),
+    )
+
+
+def keeps_stage1_prompt(before: dict[str, float], after: dict[str, float], spec: JobSpec) -> bool:
+    """Whether PPO passes on the stage-1 prompt: the final one scored a lower mean reward on the same fixed draws."""
+    return spec.ppo.keep_stage1_when_worse and after["reward"] < before["reward"]
+
+
+def describe_kept_prompt(before: dict[str, float], after: dict[str, float], spec: JobSpec) -> str:
+    return (
+        f"the stage-1 prompt is kept: the final one scored a lower mean reward on the fixed draws ({after['reward']:.2f} against"
+        f" {before['reward']:.2f}; parsed {after['valid_rate']:.2f} against {before['valid_rate']:.2f}); smaller steps"
+        f" (ppo.lr, now {spec.ppo.lr:g}) may let PPO improve on it"
     )
 
 
@@ -318,9 +333,13 @@ def train_loop(config: dict) -> None:
     bar.close()
     with optimiser.gathered():
         after = measure(policy.soft_prompt)
+    keep_stage1 = after is not None and keeps_stage1_prompt(before, after, spec)
+    if keep_stage1:
+        print(f"[ppo] {describe_kept_prompt(before, after, spec)}", flush=True)
 
     def write(folder: Path) -> None:
-        save_file({"soft_prompt": policy.soft_prompt.detach().float().cpu().contiguous()}, str(folder / SOFT_PROMPT))
+        final = reference_prompt if keep_stage1 else policy.soft_prompt
+        save_file({"soft_prompt": final.detach().float().cpu().contiguous()}, str(folder / SOFT_PROMPT))
         save_file({k: v.detach().float().cpu().contiguous() for k, v in policy.value_head.state_dict().items()}, str(folder / "value_head.safetensors"))
 
     report_outputs(
@@ -331,6 +350,7 @@ def train_loop(config: dict) -> None:
             "rollouts": settings.updates * per_label * task.num_labels * world,
             "updates": settings.updates,
             "resumed_from_update": checkpoints.resumed_from,
+            "kept_stage1_prompt": keep_stage1,
             **labelled,
         },
         write,
