@@ -83,8 +83,8 @@ def keeps_stage1_prompt(before: dict[str, float], after: dict[str, float], spec:
 
 def describe_kept_prompt(before: dict[str, float], after: dict[str, float], spec: JobSpec) -> str:
     return (
-        f"the stage-1 prompt is kept: the final one scored a lower mean reward on the fixed draws ({after['reward']:.2f} against"
-        f" {before['reward']:.2f}; parsed {after['valid_rate']:.2f} against {before['valid_rate']:.2f}); smaller steps"
+        f"the stage-1 prompt is kept: the final one scored a lower mean reward on the fixed draws ({after['reward']:.3f} against"
+        f" {before['reward']:.3f}; parsed {after['valid_rate']:.2f} against {before['valid_rate']:.2f}); smaller steps"
         f" (ppo.lr, now {spec.ppo.lr:g}) may let PPO improve on it"
     )
 
