@@ -302,8 +302,7 @@ def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int
         if cells.has(task_name, seed, method):
             return
         started = time.perf_counter()
-        accuracy = score()
-        cells.add(task_name, seed, method, accuracy, time.perf_counter() - started)
+        cells.add(task_name, seed, method, score(), time.perf_counter() - started)
 
     settings = profile.baselines
     cell("student_finetuned", lambda: accuracy(gold, baselines.head_predictions(task, baselines.finetune_student(full, task, few_shot, settings), dev)))
