@@ -153,15 +153,22 @@ def test_a_per_label_prompt_goes_in_front_of_its_own_labels_generation_prompt(ti
             assert not torch.allclose(per_label, other)
 
 
-def test_ppo_with_per_label_prompts_tunes_each_labels_copy_and_generates_from_them(sst2_run, tmp_path):
-    """Each label's copy of the stage-1 prompt moves, and the copies part (a prompt shared by the labels
-    would keep them equal); the generate stage samples from them."""
+def rerun_ppo(sst2_run, tmp_path, **ppo_changes):
+    """The shared tiny run's prompt stage, copied into a new run whose PPO section has `ppo_changes`; its PPO run there."""
     spec, shared = sst2_run
     spec = spec.model_copy(deep=True)
     spec.storage.runs_dir = str(tmp_path / "runs")
-    spec.ppo.per_label_prompt = True
+    for key, value in ppo_changes.items():
+        setattr(spec.ppo, key, value)
     shutil.copytree(shared, run_dir_for(spec), ignore=shutil.ignore_patterns("ppo", "generate", "store", "student", "evaluate"))
     run_dir, _ = run_logged(spec, only="ppo")
+    return spec, run_dir
+
+
+def test_ppo_with_per_label_prompts_tunes_each_labels_copy_and_generates_from_them(sst2_run, tmp_path):
+    """Each label's copy of the stage-1 prompt moves, and the copies part (a prompt shared by the labels
+    would keep them equal); the generate stage samples from them."""
+    spec, run_dir = rerun_ppo(sst2_run, tmp_path, per_label_prompt=True)
     run_logged(spec, only="generate")
     stage_one = load_file(str(run_dir / "prompt" / "soft_prompt.safetensors"))["soft_prompt"].numpy()
     prompts = load_file(str(run_dir / "ppo" / "soft_prompt.safetensors"))["soft_prompt"].numpy()
@@ -175,13 +182,9 @@ def test_ppo_with_per_label_prompts_tunes_each_labels_copy_and_generates_from_th
 def test_ppo_passes_on_the_stage1_prompt_when_the_final_one_scores_lower_on_the_fixed_draws(sst2_run, tmp_path):
     from retrikt_ray.stages.ppo import keeps_stage1_prompt
 
-    spec, shared = sst2_run
-    spec = spec.model_copy(deep=True)
-    spec.storage.runs_dir = str(tmp_path / "runs")
-    spec.ppo.keep_stage1_when_worse = True
-    shutil.copytree(shared, run_dir_for(spec), ignore=shutil.ignore_patterns("ppo", "generate", "store", "student", "evaluate"))
-    run_dir, _ = run_logged(spec, only="ppo")
-    metrics, summary = manifest(run_dir, "ppo")["metrics"], manifest(run_dir, "ppo")["summary"]
+    spec, run_dir = rerun_ppo(sst2_run, tmp_path, keep_stage1_when_worse=True)
+    ppo = manifest(run_dir, "ppo")
+    metrics, summary = ppo["metrics"], ppo["summary"]
     worse = metrics["after"]["reward"] < metrics["before"]["reward"]
     assert metrics["kept_stage1_prompt"] == worse
     assert ("the stage-1 prompt is kept" in summary) == worse
