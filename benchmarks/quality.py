@@ -168,6 +168,15 @@ def format_cell(summary: dict | None) -> str:
     return f"{100 * summary['mean']:.1f} ({100 * summary['min']:.1f}-{100 * summary['max']:.1f})"
 
 
+def describe_store_on_labelled(extra: dict) -> str:
+    """The student stage's check of the store before training, and whether it dropped retrieval."""
+    measured = extra.get("store_on_labelled")
+    if not measured:
+        return "-"
+    line = f"{100 * measured['retrieval_accuracy']:.0f}% ({100 * measured['majority_share']:.0f}%) of {measured['examples']}"
+    return line + (": retrieval gated off, head alone" if extra.get("student_lam") == 0 else "")
+
+
 def targets(table: dict, tasks: list[str]) -> dict[str, Any]:
     """The issue's targets, checked on the means."""
     def mean(task, method):
@@ -338,10 +347,13 @@ def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int
     if key not in cells.extras:
         full_dir = run(full, log=print)  # finished: only looks up its run directory
         evaluation, ppo = read_manifest(full_dir / "evaluate")["metrics"], read_manifest(full_dir / "ppo")["metrics"]
+        trained = read_manifest(full_dir / "student")["metrics"]
         extra = {
             "ppo_rollouts": {name: {k: ppo[name][k] for k in ("consistency_rate", "distinct_2", "mean_max_cos")} for name in ("before", "after")} if ppo.get("history") else None,
             "ppo_history": ppo.get("history"),
             "ppo_kept_stage1_prompt": ppo.get("kept_stage1_prompt", False),
+            "store_on_labelled": trained.get("retrieval_labelled"),
+            "student_lam": trained.get("lam"),
             "parameters": {"teacher": evaluation.get("params_teacher"), "student": evaluation["params_student"], "store_rows": evaluation["store_rows"]},
             "cpu_ms_per_example": {"teacher": evaluation.get("ms_per_example_teacher"), "student_store": evaluation["ms_per_example_student_store"]},
             "dev_examples": evaluation["dev_examples"],
@@ -423,8 +435,8 @@ def markdown(results: dict, profile: Profile, stem: str) -> str:
     lines += [
         "## Generated samples and PPO",
         "",
-        "| task / seed | PPO, same fixed draws: label consistency stage-1 -> final prompt | distinct-2 stage-1 -> final | pool: teacher agreement (kept of generated) | pool distinct-2 |",
-        "|---|---|---|---|---|",
+        "| task / seed | PPO, same fixed draws: label consistency stage-1 -> final prompt | distinct-2 stage-1 -> final | pool: teacher agreement (kept of generated) | pool distinct-2 | store's soft labels on the labelled examples (majority label) |",
+        "|---|---|---|---|---|---|",
     ]
     for key, extra in sorted(results["extras"].items()):
         rollouts = extra.get("ppo_rollouts")
@@ -435,7 +447,7 @@ def markdown(results: dict, profile: Profile, stem: str) -> str:
         pools = extra["generated_pool"]
         agreement = " vs ".join(f"{name} {pool['teacher_agreement']:.2f} ({pool['kept']} of {pool['generated']})" for name, pool in pools.items())
         distinct = " vs ".join(f"{name} {pool['distinct_2']:.2f}" for name, pool in pools.items())
-        lines.append(f"| {key} | {consistency} | {diversity} | {agreement} | {distinct} |")
+        lines.append(f"| {key} | {consistency} | {diversity} | {agreement} | {distinct} | {describe_store_on_labelled(extra)} |")
     lines += ["", "## Size and CPU latency (one example at a time)", "", "| task / seed | teacher params | teacher ms | student params + store rows | student+store ms |", "|---|---|---|---|---|"]
     for key, extra in sorted(results["extras"].items()):
         params, latency = extra["parameters"], extra["cpu_ms_per_example"]

@@ -252,6 +252,12 @@ class StudentSpec(DeepSpeedOption):
     k: int = Field(16, ge=1, description="Neighbours retrieved from the store")
     tau: float = Field(0.05, gt=0, description="Temperature of the neighbour weights")
     lam: float = Field(0.5, ge=0, le=1, description="p = lam * p_ret + (1 - lam) * p_head")
+    retrieval_gate: bool = Field(
+        True,
+        description="Before training, the untrained student retrieves the store's soft labels for the labelled examples; "
+        "when they answer them no better than always answering their majority label (by one standard error), the "
+        "student trains and predicts with its head alone (lam = 0), as retrieving would only add the teacher's noise",
+    )
     a: float = Field(1.0, ge=0, description="Weight of L_ce on the gold few-shot set")
     b: float = Field(1.0, ge=0, description="Weight of L_rank (listwise ranking distillation)")
     tau_teacher: float = Field(0.05, gt=0, description="tau_T of L_rank")

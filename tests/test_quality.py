@@ -198,6 +198,8 @@ def test_results_and_plot_files_are_written(tmp_path):
         "dev_examples": 12,
         "generated_pool": {"after_ppo": pool, "stage1_prompt": pool},
     }
+    gated = {**cells.extras["sst2/0"], "store_on_labelled": {"retrieval_accuracy": 0.25, "majority_share": 1 / 3, "examples": 48, "informative": False}, "student_lam": 0.0}
+    cells.extras["rte/0"] = {**gated, "generated_pool": {"after_ppo": pool}}
     quality.write_results(tmp_path / "quality", "test", profile, cells, started=0.0)
     for name in ("quality_accuracy.png", "quality_store_size.png", "quality_ppo.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -206,6 +208,7 @@ def test_results_and_plot_files_are_written(tmp_path):
     text = (tmp_path / "quality.md").read_text()
     assert "| RetriKT: student + store, full recipe | 83.0 (80.0-86.0) | 50.0 |" in text
     assert "test budget" in text and "0.60 -> 0.80" in text
+    assert "| 25% (33%) of 48: retrieval gated off, head alone |" in text and text.count("retrieval gated off") == 1
     assert "| ablation: L_rank weight b = 0.3 | 81.0 | - |" in text and "| ablation: store 25% | 75.0 | - |" in text
     # A rerun of the same profile starts from the finished cells; another profile starts afresh.
     assert len(quality.Cells(tmp_path / "quality.json", "test").cells) == len(_cells())

@@ -263,6 +263,71 @@ def test_student_stage_saves_a_student_and_the_store_it_was_trained_with(sst2_ru
     assert all(np.isfinite(entry[key]) for entry in history for key in ("kd", "ce", "rank"))
 
 
+def labelled_examples_as_samples(spec: JobSpec, flip: bool) -> pd.DataFrame:
+    """The job's labelled examples as annotated samples, each with a one-hot soft label: its own label,
+    or (flip) the next one, a teacher that is always wrong."""
+    from retrikt_ray.tasks import load_few_shot
+
+    task, few_shot = load_few_shot(spec)
+    soft = [np.eye(task.num_labels)[(e.label + flip) % task.num_labels].astype(np.float32) for e in few_shot]
+    return pd.DataFrame(
+        {
+            "label": [e.label for e in few_shot],
+            "text": [task.generation_text(e) for e in few_shot],
+            "fields": [json.dumps(e.fields) for e in few_shot],
+            "soft_label": soft,
+            "teacher_state": [np.random.default_rng(i).normal(size=8).astype(np.float32) for i in range(len(few_shot))],
+        }
+    )
+
+
+def test_retrieval_is_gated_off_when_the_stores_soft_labels_do_not_label_the_labelled_examples(tiny_models, tmp_path):
+    from retrikt_ray.stages import store, student
+    from retrikt_ray.tasks import load_few_shot
+
+    spec = tiny_spec(tiny_models, tmp_path, student__tau=0.01)
+    task, few_shot = load_few_shot(spec)
+    untrained = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
+
+    def measured(flip):
+        rows = store.store_rows(task, labelled_examples_as_samples(spec, flip))
+        keys = untrained.embed_all(rows["inputs"])
+        knowledge = KnowledgeStore(keys=keys, encoder_fingerprint=encoder_fingerprint(untrained.encoder), **rows)
+        knowledge.build_index("flat")
+        return student.retrieval_on_labelled(task, untrained, knowledge, few_shot)
+
+    # Each labelled example finds itself in the store (cosine 1): a right teacher labels all of them, a wrong one none.
+    right, wrong = measured(flip=False), measured(flip=True)
+    assert right == {"retrieval_accuracy": 1.0, "majority_share": 0.5, "examples": 8, "informative": True}
+    assert wrong == {"retrieval_accuracy": 0.0, "majority_share": 0.5, "examples": 8, "informative": False}
+    assert not student.gates_retrieval(right, spec) and student.gates_retrieval(wrong, spec)
+    assert student.describe_retrieval_on_labelled(right, spec) == (
+        "the store's soft labels, retrieved by the untrained student, label 100% of the 8 labelled examples right (majority label 50%)"
+    )
+    assert "so the student trains and predicts with its head alone (lam 0, not 0.5)" in student.describe_retrieval_on_labelled(wrong, spec)
+    spec.student.retrieval_gate = False
+    assert not student.gates_retrieval(wrong, spec)
+
+
+def test_a_gated_student_is_trained_saved_and_evaluated_with_its_head_alone(ray_local, tiny_models, tmp_path):
+    from retrikt_ray.stages import evaluate, generate, store, student
+
+    spec = tiny_spec(tiny_models, tmp_path, student__tau=0.01)
+    run_dir = tmp_path / "run"
+    (run_dir / "generate").mkdir(parents=True)
+    labelled_examples_as_samples(spec, flip=True).to_parquet(run_dir / "generate" / generate.SAMPLES)
+    stages = {stage.name: stage for stage in pipeline.plan(spec, run_dir)}
+    for module in (store, student, evaluate):
+        stages[module.NAME].prepare()
+        stages[module.NAME].finish(module.run(spec, stages[module.NAME]), 0.0)
+    trained = manifest(run_dir, "student")
+    assert trained["metrics"]["retrieval_labelled"]["retrieval_accuracy"] == 0.0 and trained["metrics"]["lam"] == 0.0
+    assert "head alone (lam 0, not 0.5)" in trained["summary"]
+    assert RetrievalStudent.load(run_dir / "student" / "model").lam == 0.0
+    metrics = manifest(run_dir, "evaluate")["metrics"]
+    assert metrics["accuracy_student_store"] == metrics["accuracy_student_head"]
+
+
 def test_evaluate_stage_reports_metrics_in_range(sst2_run):
     spec, run_dir = sst2_run
     metrics = manifest(run_dir, "evaluate")["metrics"]

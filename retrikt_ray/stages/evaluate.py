@@ -4,6 +4,7 @@ the teacher's calibrated zero-shot classifier; parameters and CPU latency per ex
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -19,6 +20,17 @@ CONFIG_KEYS = ("task", "data.dev_file", "data.dev_limit", *TEACHER_CLASSIFIER, "
 
 def accuracy(gold: np.ndarray, probs: np.ndarray) -> float:
     return float((probs.argmax(axis=1) == gold).mean())
+
+
+def majority_share(labels: np.ndarray) -> float:
+    """The accuracy of always answering the most common of these labels."""
+    return float(np.bincount(labels).max() / len(labels))
+
+
+def clearly_above_majority(accuracy: float, majority: float, count: int) -> bool:
+    """Whether an accuracy on `count` labelled examples beats always answering their majority label by at
+    least that guesser's standard error on this many examples."""
+    return accuracy >= majority + math.sqrt(majority * (1 - majority) / count)
 
 
 def macro_f1(gold: np.ndarray, probs: np.ndarray, num_labels: int) -> float:

@@ -23,7 +23,7 @@ import torch
 from ..artifacts import StageResult, StageRun
 from ..config import TEACHER_CLASSIFIER, JobSpec
 from ..tasks import load_few_shot
-from .evaluate import accuracy
+from .evaluate import accuracy, clearly_above_majority, majority_share
 
 NAME = "ppo"
 INPUTS = ("prompt",)
@@ -94,7 +94,7 @@ def teacher_on_labelled(probs: np.ndarray, labels: np.ndarray) -> dict[str, floa
     labels the user's labelled examples, beside the share of their most common label."""
     return {
         "teacher_accuracy_labelled": accuracy(labels, probs),
-        "labelled_majority_share": float(np.bincount(labels).max() / len(labels)),
+        "labelled_majority_share": majority_share(labels),
         "labelled_examples": len(labels),
     }
 
@@ -104,7 +104,7 @@ def describe_teacher_on_labelled(measured: dict[str, float | int]) -> str:
     label: within one standard error of that guesser's accuracy on this many examples."""
     accuracy, majority, count = measured["teacher_accuracy_labelled"], measured["labelled_majority_share"], measured["labelled_examples"]
     line = f"the teacher labels {accuracy:.0%} of the {count} labelled examples right (majority label {majority:.0%})"
-    if accuracy < majority + math.sqrt(majority * (1 - majority) / count):
+    if not clearly_above_majority(accuracy, majority, count):
         line += (
             ": not clearly better than always answering the majority label, so the soft labels it gives the store"
             " carry little task signal; a larger teacher may be needed"

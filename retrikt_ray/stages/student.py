@@ -5,6 +5,8 @@ p = lam * sum_j w_j q_j + (1 - lam) * softmax(W z). Loss = L_kd (KL(q_T || p) ov
 + a * L_ce (gold few-shot rows, oversampled into every batch) + b * L_rank (listwise distillation of
 the teacher's similarities, cosines of the centred h_T, into the student's). Keys are re-encoded after every epoch; the final
 store (keys of the trained encoder) is saved beside the student, and that pair is what is served.
+Before training, the store's soft labels are retrieved for the labelled examples; when they answer them
+no better than their majority label, the student uses its head alone (`student.retrieval_gate`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 
 from ..artifacts import StageResult, StageRun
 from ..config import JobSpec
-from ..tasks import load_few_shot
+from ..tasks import Example, Task, load_few_shot
+from .evaluate import accuracy, clearly_above_majority, majority_share
 
 NAME = "student"
 INPUTS = ("store",)
@@ -34,8 +37,41 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         metrics=metrics,
         counts={"store_rows": metrics["store_rows"], "gold_rows": metrics["gold_rows"]},
         summary=f"{len(history)} epochs; last loss {last.get('loss', float('nan')):.3f} "
-        f"(kd {last.get('kd', float('nan')):.3f}, ce {last.get('ce', float('nan')):.3f}, rank {last.get('rank', float('nan')):.3f})",
+        f"(kd {last.get('kd', float('nan')):.3f}, ce {last.get('ce', float('nan')):.3f}, rank {last.get('rank', float('nan')):.3f})"
+        + (f"; {describe_retrieval_on_labelled(metrics['retrieval_labelled'], spec)}" if metrics.get("retrieval_labelled") else ""),
     )
+
+
+def retrieval_on_labelled(task: Task, student, store, few_shot: list[Example]) -> dict[str, float | int | bool]:
+    """How well the store's soft labels, retrieved by the student as it is, label the user's labelled
+    examples (none of them is a store row), beside the share of their most common label."""
+    from ..retrieval_student import predict_examples
+
+    labels = np.array([example.label for example in few_shot])
+    measured = {
+        "retrieval_accuracy": accuracy(labels, predict_examples(task, student, store, few_shot)["p_ret"]),
+        "majority_share": majority_share(labels),
+        "examples": len(labels),
+    }
+    return {**measured, "informative": clearly_above_majority(measured["retrieval_accuracy"], measured["majority_share"], measured["examples"])}
+
+
+def gates_retrieval(measured: dict, spec: JobSpec) -> bool:
+    """Whether the student drops retrieval (lam = 0): the retrieved soft labels carry no task signal."""
+    return spec.student.retrieval_gate and not measured["informative"]
+
+
+def describe_retrieval_on_labelled(measured: dict, spec: JobSpec) -> str:
+    line = (
+        f"the store's soft labels, retrieved by the untrained student, label {measured['retrieval_accuracy']:.0%} of the"
+        f" {measured['examples']} labelled examples right (majority label {measured['majority_share']:.0%})"
+    )
+    if gates_retrieval(measured, spec):
+        line += (
+            f": no better than always answering the majority label, so the student trains and predicts with its head"
+            f" alone (lam 0, not {spec.student.lam:g}); student.retrieval_gate: false keeps retrieval"
+        )
+    return line
 
 
 class StudentStep(torch.nn.Module):
@@ -68,6 +104,12 @@ def train_loop(config: dict) -> None:
     task, few_shot = load_few_shot(spec)
     store = KnowledgeStore.load(config["store_dir"])
     student = RetrievalStudent.from_spec(settings, task.student_num_labels).to(device)
+    retrieval_labelled = retrieval_on_labelled(task, student, store, few_shot) if settings.lam > 0 else None
+    if retrieval_labelled is not None:
+        if rank == 0:
+            print(f"[student] {describe_retrieval_on_labelled(retrieval_labelled, spec)}", flush=True)
+        if gates_retrieval(retrieval_labelled, spec):
+            student.lam = 0.0
     gold_inputs = [row for example in few_shot for row in task.student_inputs(example)]
     gold_targets = [target for example in few_shot for target in task.row_targets(example)]
     head = list(student.head.parameters())
@@ -147,5 +189,7 @@ def train_loop(config: dict) -> None:
         "steps": position,
         "resumed_from_step": checkpoints.resumed_from,
         "final_loss": history[-1]["loss"] if history else None,
+        "retrieval_labelled": retrieval_labelled,
+        "lam": student.lam,
     }
     report_outputs(metrics, write, optimiser, seen)
