@@ -263,6 +263,14 @@ def test_student_stage_saves_a_student_and_the_store_it_was_trained_with(sst2_ru
     assert all(np.isfinite(entry[key]) for entry in history for key in ("kd", "ce", "rank"))
 
 
+def run_stages(spec: JobSpec, run_dir, modules) -> None:
+    """Each stage module in turn, in run_dir, on the inputs already there (no pipeline around them)."""
+    stages = {stage.name: stage for stage in pipeline.plan(spec, run_dir)}
+    for module in modules:
+        stages[module.NAME].prepare()
+        stages[module.NAME].finish(module.run(spec, stages[module.NAME]), 0.0)
+
+
 def labelled_examples_as_samples(spec: JobSpec, flip: bool) -> pd.DataFrame:
     """The job's labelled examples as annotated samples, each with a one-hot soft label: its own label,
     or (flip) the next one, a teacher that is always wrong."""
@@ -316,10 +324,7 @@ def test_a_gated_student_is_trained_saved_and_evaluated_with_its_head_alone(ray_
     run_dir = tmp_path / "run"
     (run_dir / "generate").mkdir(parents=True)
     labelled_examples_as_samples(spec, flip=True).to_parquet(run_dir / "generate" / generate.SAMPLES)
-    stages = {stage.name: stage for stage in pipeline.plan(spec, run_dir)}
-    for module in (store, student, evaluate):
-        stages[module.NAME].prepare()
-        stages[module.NAME].finish(module.run(spec, stages[module.NAME]), 0.0)
+    run_stages(spec, run_dir, (store, student, evaluate))
     trained = manifest(run_dir, "student")
     assert trained["metrics"]["retrieval_labelled"]["retrieval_accuracy"] == 0.0 and trained["metrics"]["lam"] == 0.0
     assert "head alone (lam 0, not 0.5)" in trained["summary"]
@@ -356,10 +361,7 @@ def test_choice_task_stages(ray_local, tiny_models, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "generate").mkdir(parents=True)
     annotated.to_parquet(run_dir / "generate" / generate.SAMPLES)
-    stages = {stage.name: stage for stage in pipeline.plan(spec, run_dir)}
-    for module in (store, student, evaluate):
-        stages[module.NAME].prepare()
-        stages[module.NAME].finish(module.run(spec, stages[module.NAME]), 0.0)
+    run_stages(spec, run_dir, (store, student, evaluate))
     trained = KnowledgeStore.load(run_dir / "student" / "store")
     assert len(trained) == 2 * len(examples)  # one row per alternative
     assert sorted(np.unique(trained.labels)) == [0, 1]
