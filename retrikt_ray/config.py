@@ -262,6 +262,13 @@ class StudentSpec(DeepSpeedOption):
     b: float = Field(1.0, ge=0, description="Weight of L_rank (listwise ranking distillation)")
     tau_teacher: float = Field(0.05, gt=0, description="tau_T of L_rank")
     tau_student: float = Field(0.05, gt=0, description="tau_S of L_rank")
+    rank_lists: Literal["batch", "store"] = Field(
+        "batch",
+        description="What L_rank ranks for each store row. batch: the other rows of its batch (RankCSE, the recipe). "
+        "store: the rank_list_size store rows the teacher finds nearest plus the k the student currently retrieves, "
+        "scored against their store keys, so the student learns to retrieve what the teacher finds similar",
+    )
+    rank_list_size: int = Field(16, ge=1, description="Teacher-nearest store rows in each list when rank_lists is store")
     epochs: int = Field(3, ge=0)
     batch_size: int = Field(32, ge=2)
     gold_per_batch: int = Field(8, ge=0, description="Gold few-shot examples oversampled into each batch")

@@ -221,15 +221,52 @@ def rank_loss(h_teacher: torch.Tensor, z: torch.Tensor, tau_teacher: float, tau_
     size = z.shape[0]
     if size < 2:
         return z.sum() * 0.0
-    diagonal = torch.eye(size, dtype=torch.bool, device=z.device)
-    with torch.no_grad():
-        h = F.normalize(h_teacher.to(device=z.device, dtype=torch.float32), dim=-1)
-        q = torch.softmax((h @ h.T / tau_teacher).masked_fill(diagonal, float("-inf")), dim=-1)
+    h = F.normalize(h_teacher.to(device=z.device, dtype=torch.float32), dim=-1)
     zs = F.normalize(z.float(), dim=-1)
-    log_p = torch.log_softmax((zs @ zs.T / tau_student).masked_fill(diagonal, float("-inf")), dim=-1)
-    # the diagonal has q = 0 and log p = -inf; zeroing log p there keeps 0 * -inf out of the sum
-    kl = torch.xlogy(q, q) - q * log_p.masked_fill(diagonal, 0.0)
-    return kl.sum() / size
+    others = ~torch.eye(size, dtype=torch.bool, device=z.device)
+    return _listwise_kl(h @ h.T, zs @ zs.T, others, tau_teacher, tau_student)
+
+
+def store_rank_loss(
+    h_rows: torch.Tensor, h_lists: torch.Tensor, z: torch.Tensor, keys_lists: torch.Tensor, valid: torch.Tensor,
+    tau_teacher: float, tau_student: float,
+) -> torch.Tensor:
+    """Listwise ranking distillation over store lists: row i's list is given by its members' teacher
+    states h_lists[i] (L, d) and store keys keys_lists[i] (L, d); mean over i of
+    KL(softmax_j(cos(h_i, h_ij) / tau_T) || softmax_j(cos(z_i, key_ij) / tau_S)) over the valid members.
+
+    The student scores a list the way it retrieves: its embedding against the store's keys.
+    """
+    h = F.normalize(h_rows.to(device=z.device, dtype=torch.float32), dim=-1)
+    members = F.normalize(h_lists.to(device=z.device, dtype=torch.float32), dim=-1)
+    keys = keys_lists.to(device=z.device, dtype=torch.float32)
+    zs = F.normalize(z.float(), dim=-1)
+    teacher = torch.einsum("bd,bld->bl", h, members)
+    student = torch.einsum("bd,bld->bl", zs, keys)
+    return _listwise_kl(teacher, student, valid.to(z.device), tau_teacher, tau_student)
+
+
+def _listwise_kl(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor, tau_teacher: float, tau_student: float) -> torch.Tensor:
+    """Mean over rows of KL(softmax(teacher / tau_T) || softmax(student / tau_S)), both over the row's
+    valid entries; a row with no valid entry adds 0."""
+    with torch.no_grad():
+        q = torch.softmax((teacher / tau_teacher).masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
+    log_p = torch.log_softmax((student / tau_student).masked_fill(~valid, float("-inf")), dim=-1)
+    # invalid entries have q = 0 and log p = -inf; zeroing log p there keeps 0 * -inf out of the sum
+    kl = torch.xlogy(q, q) - q * log_p.masked_fill(~valid, 0.0)
+    return kl.sum() / student.shape[0]
+
+
+def teacher_neighbours(states: torch.Tensor, count: int, chunk: int = 1024) -> np.ndarray:
+    """(N, min(count, N - 1)) ids of each row's nearest other rows by cosine of its teacher state."""
+    count = min(count, states.shape[0] - 1)
+    normed = F.normalize(states.float(), dim=-1)
+    parts = [np.zeros((0, count), dtype=np.int64)]
+    for start in range(0, normed.shape[0], chunk):
+        scores = normed[start : start + chunk] @ normed.T
+        scores[torch.arange(scores.shape[0]), torch.arange(start, start + scores.shape[0])] = float("-inf")
+        parts.append(scores.topk(count, dim=-1).indices.cpu().numpy())
+    return np.concatenate(parts)
 
 
 def predict_examples(task, student: RetrievalStudent, store: KnowledgeStore, examples, batch_size: int = 64) -> dict[str, np.ndarray]:

@@ -22,15 +22,16 @@ from retrikt_ray.teacher import Teacher
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_quality():
-    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
+def _load_benchmark(name: str):
+    """A script of benchmarks/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["quality"] = module  # pydantic resolves the module's annotations through sys.modules
+    sys.modules[name] = module  # pydantic resolves a module's annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
 
-quality = _load_quality()
+quality = _load_benchmark("quality")
 
 
 def _spec(tiny_models, task="sst2", shots=4, tmp_path=None) -> JobSpec:
@@ -233,15 +234,8 @@ def test_report_only_rewrites_table_and_plots_from_the_results_json(tmp_path):
     assert (tmp_path / "quality_accuracy.png").is_file() and not (tmp_path / "runs").exists()
 
 
-def _load_teacher_states():
-    spec = importlib.util.spec_from_file_location("teacher_states", REPO / "benchmarks" / "teacher_states.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_knn_readout_weights_the_nearest_rows_soft_labels_and_centring_removes_a_shared_offset():
-    teacher_states = _load_teacher_states()
+    teacher_states = _load_benchmark("teacher_states")
     store = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     soft = np.array([[0.8, 0.2], [0.6, 0.4], [0.3, 0.7], [0.1, 0.9]])
     dev = np.array([[1.0, 0.05], [0.05, 1.0]])
@@ -280,3 +274,45 @@ def test_every_committed_profile_gives_valid_job_specs(tmp_path):
     small = quality.variant_specs(quality.load_profile(budgets, "cpu-small"), "cpu-small", "sst2", 0, tmp_path)
     assert pool["full"].generate.samples_per_label == 4 * small["full"].generate.samples_per_label
     assert pool["full"].ppo == small["full"].ppo and pool["full"].student == small["full"].student
+
+
+def test_exact_mcnemar_counts_the_rows_only_one_of_two_students_gets_right():
+    student_variants = _load_benchmark("student_variants")
+    assert student_variants.mcnemar_exact(0, 0) == 1.0
+    assert student_variants.mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    assert student_variants.mcnemar_exact(21, 40) == pytest.approx(student_variants.mcnemar_exact(40, 21))
+    assert student_variants.mcnemar_exact(21, 40) == pytest.approx(0.0205, abs=5e-4)
+    assert student_variants.mcnemar_exact(3, 3) == 1.0
+    baseline, variant = np.array([True, True, False, False, True]), np.array([True, False, True, True, True])
+    assert student_variants.paired(baseline, variant) == {"only_baseline_right": 1, "only_variant_right": 2, "p_value": 1.0}
+
+
+def test_student_variants_benchmark_reruns_only_the_student_and_evaluate_stages(sst2_run, tmp_path):
+    import shutil
+
+    _, run_dir = sst2_run
+    copy = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("no_rank: [student.b=0]\nstore_lists: [student.b=1, student.rank_lists=store]\n")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "student_variants.py"), "--run", str(copy), "--variants", str(variants), "--out", str(tmp_path / "variants")],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "variants.json").read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["no_rank", "store_lists"]
+    assert rows[0]["against_baseline"] is None and rows[0]["last_epoch"]["rank"] == 0.0 and rows[1]["last_epoch"]["rank"] > 0
+    dev_rows = json.loads((tmp_path / "variants.json").read_text())["settings"]["dev_examples"]
+    against = rows[1]["against_baseline"]
+    assert against["only_baseline_right"] + against["only_variant_right"] <= dev_rows and 0.0 <= against["p_value"] <= 1.0
+    assert "| store_lists | `student.b=1 student.rank_lists=store` |" in (tmp_path / "variants.md").read_text()
+    def manifest(folder, stage):
+        return json.loads((folder / stage / "manifest.json").read_text())
+
+    for row in rows:
+        variant_dir = tmp_path / "runs" / row["run"]
+        for stage in ("prompt", "ppo", "generate", "store"):
+            assert manifest(variant_dir, stage)["reused_from"] and manifest(variant_dir, stage)["finished_at"] == manifest(copy, stage)["finished_at"]
+        assert not manifest(variant_dir, "student").get("reused_from")
+        assert manifest(variant_dir, "student")["stage_hash"] != manifest(copy, "student")["stage_hash"]

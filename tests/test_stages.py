@@ -333,6 +333,27 @@ def test_a_gated_student_is_trained_saved_and_evaluated_with_its_head_alone(ray_
     assert metrics["accuracy_student_store"] == metrics["accuracy_student_head"]
 
 
+def test_rank_lists_hold_each_row_once_and_never_padding():
+    from retrikt_ray.stages.student import rank_lists
+
+    members, valid = rank_lists(np.array([[4, 7], [2, 3]]), np.array([[7, 5, -1], [1, 2, 3]]))
+    assert members.tolist() == [[4, 7, 0, 5, 0], [2, 3, 1, 0, 0]]
+    assert valid.tolist() == [[True, True, False, True, False], [True, True, True, False, False]]
+
+
+def test_a_student_ranking_store_lists_trains_on_a_nonzero_rank_loss(ray_local, tiny_models, tmp_path):
+    from retrikt_ray.stages import generate, store, student
+
+    spec = tiny_spec(tiny_models, tmp_path, student__rank_lists="store", student__rank_list_size=3, student__retrieval_gate=False)
+    run_dir = tmp_path / "run"
+    (run_dir / "generate").mkdir(parents=True)
+    labelled_examples_as_samples(spec, flip=False).to_parquet(run_dir / "generate" / generate.SAMPLES)
+    run_stages(spec, run_dir, (store, student))
+    history = manifest(run_dir, "student")["metrics"]["history"]
+    assert len(history) == spec.student.epochs
+    assert all(np.isfinite(entry["rank"]) and entry["rank"] > 0 for entry in history)
+
+
 def test_evaluate_stage_reports_metrics_in_range(sst2_run):
     spec, run_dir = sst2_run
     metrics = manifest(run_dir, "evaluate")["metrics"]

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from retrikt_ray.knowledge_store import KnowledgeStore
-from retrikt_ray.retrieval_student import RetrievalStudent, ce_loss, encoder_fingerprint, kd_loss, rank_loss
+from retrikt_ray.retrieval_student import (
+    RetrievalStudent,
+    ce_loss,
+    encoder_fingerprint,
+    kd_loss,
+    rank_loss,
+    store_rank_loss,
+    teacher_neighbours,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -227,6 +235,42 @@ def test_rank_loss_manual_three_items():
     assert loss.item() == pytest.approx(total / 3, rel=1e-5)
     loss.backward()
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_store_rank_loss_over_the_batch_lists_equals_rank_loss():
+    generator = torch.Generator().manual_seed(2)
+    h, z = torch.randn(5, 6, generator=generator), torch.randn(5, 4, generator=generator)
+    others = torch.tensor([[j for j in range(5) if j != i] for i in range(5)])
+    keys = torch.nn.functional.normalize(z, dim=-1)[others]
+    valid = torch.ones(5, 4, dtype=torch.bool)
+    assert store_rank_loss(h, h[others], z, keys, valid, 0.1, 0.2).item() == pytest.approx(rank_loss(h, z, 0.1, 0.2).item(), rel=1e-5)
+
+
+def test_store_rank_loss_ignores_invalid_members_and_reaches_the_query():
+    generator = torch.Generator().manual_seed(3)
+    h, members = torch.randn(2, 6, generator=generator), torch.randn(2, 4, 6, generator=generator)
+    z = torch.randn(2, 5, generator=generator, requires_grad=True)
+    keys = torch.nn.functional.normalize(torch.randn(2, 4, 5, generator=generator), dim=-1)
+    valid = torch.tensor([[True, True, True, False], [True, False, True, True]])
+    loss = store_rank_loss(h, members, z, keys, valid, 0.05, 0.05)
+    changed_members, changed_keys = members.clone(), keys.clone()
+    changed_members[~valid], changed_keys[~valid] = 100.0, -1.0
+    assert store_rank_loss(h, changed_members, z, changed_keys, valid, 0.05, 0.05).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert loss.item() > 0
+    loss.backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    # A student whose keys score like the teacher's states ranks every list as the teacher does.
+    assert store_rank_loss(h, members, h, torch.nn.functional.normalize(members, dim=-1), valid, 0.05, 0.05).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_teacher_neighbours_are_the_nearest_other_rows_by_cosine():
+    states = torch.randn(50, 8, generator=torch.Generator().manual_seed(4))
+    nearest = teacher_neighbours(states, 5, chunk=16)
+    normed = torch.nn.functional.normalize(states, dim=-1)
+    cosines = (normed @ normed.T).fill_diagonal_(-2.0)
+    assert nearest.shape == (50, 5)
+    assert (nearest == cosines.topk(5, dim=-1).indices.numpy()).all()
+    assert teacher_neighbours(states[:3], 5).shape == (3, 2)
 
 
 # ---------------------------------------------------------------------------- retrieval student

@@ -3,7 +3,8 @@
 For a store row x: z = S(x), its k neighbours in the store (itself excluded), w = softmax(cos/tau),
 p = lam * sum_j w_j q_j + (1 - lam) * softmax(W z). Loss = L_kd (KL(q_T || p) over store rows)
 + a * L_ce (gold few-shot rows, oversampled into every batch) + b * L_rank (listwise distillation of
-the teacher's similarities, cosines of the centred h_T, into the student's). Keys are re-encoded after every epoch; the final
+the teacher's similarities, cosines of the centred h_T, into the student's: over the batch, or over each
+row's teacher-nearest and retrieved store rows, `student.rank_lists`). Keys are re-encoded after every epoch; the final
 store (keys of the trained encoder) is saved beside the student, and that pair is what is served.
 Before training, the store's soft labels are retrieved for the labelled examples; when they answer them
 no better than their majority label, the student uses its head alone (`student.retrieval_gate`).
@@ -89,11 +90,25 @@ class StudentStep(torch.nn.Module):
         return z, out, gold
 
 
+def rank_lists(teacher_nearest: np.ndarray, retrieved: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's L_rank list for `student.rank_lists: store`: its teacher-nearest store rows, then the
+    rows the student retrieved for it. Returns (ids, valid), both (B, L + k): padding (-1) and repeats
+    of an id earlier in the row are invalid, and their ids are set to 0 so they can index the store."""
+    members = np.concatenate([teacher_nearest, retrieved], axis=1)
+    valid = members >= 0
+    for row in range(members.shape[0]):
+        _, first = np.unique(members[row], return_index=True)
+        repeated = np.ones(members.shape[1], dtype=bool)
+        repeated[first] = False
+        valid[row] &= ~repeated
+    return np.where(valid, members, 0), valid
+
+
 def train_loop(config: dict) -> None:
     from tqdm import tqdm
 
     from ..knowledge_store import KnowledgeStore
-    from ..retrieval_student import RetrievalStudent, ce_loss, encoder_fingerprint, kd_loss, rank_loss
+    from ..retrieval_student import RetrievalStudent, ce_loss, encoder_fingerprint, kd_loss, rank_loss, store_rank_loss, teacher_neighbours
     from ..training import Checkpoints, Optimiser, report_outputs, set_threads, shard, worker_context, worker_spec
 
     spec = worker_spec(config)
@@ -129,6 +144,7 @@ def train_loop(config: dict) -> None:
         # SmolLM2's answer states on SST-2), so softmax(cos / tau_T) is nearly flat and L_rank would teach
         # the student to push every pair apart. Centred on the store's mean, the targets rank by content.
         states = torch.from_numpy(store.teacher_states - store.teacher_states.mean(axis=0)).to(device)
+    nearest = teacher_neighbours(states, settings.rank_list_size) if states is not None and settings.b > 0 and settings.rank_lists == "store" else None
     generator = np.random.default_rng(settings.seed)
     steps = math.ceil(len(store.inputs) / (batch_size * world))
     history, totals, mine, seen, position = [], {}, [], set(), 0
@@ -154,7 +170,15 @@ def train_loop(config: dict) -> None:
         z, out, gold_out = optimiser.model(store, [store.inputs[i] for i in ids], ids, [gold_inputs[i] for i in gold])
         l_kd = kd_loss(soft[ids], out["p"])
         l_ce = ce_loss(torch.tensor([gold_targets[i] for i in gold], device=device), gold_out["p"]) if gold_out is not None else z.new_zeros(())
-        l_rank = rank_loss(states[ids], z, settings.tau_teacher, settings.tau_student) if states is not None and settings.b > 0 else z.new_zeros(())
+        if states is None or settings.b == 0:
+            l_rank = z.new_zeros(())
+        elif nearest is None:
+            l_rank = rank_loss(states[ids], z, settings.tau_teacher, settings.tau_student)
+        else:
+            members, valid = rank_lists(nearest[ids], out["ids"].cpu().numpy())
+            rows = torch.from_numpy(members)
+            keys = torch.from_numpy(store.keys[members])
+            l_rank = store_rank_loss(states[ids], states[rows], z, keys, torch.from_numpy(valid), settings.tau_teacher, settings.tau_student)
         loss = l_kd + settings.a * l_ce + settings.b * l_rank
         optimiser.step(loss)
         for key, value in (("loss", loss), ("kd", l_kd), ("ce", l_ce), ("rank", l_rank)):

@@ -1,0 +1,110 @@
+"""Student-stage variants on one finished run, compared row by row on dev with the first variant.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/student_variants.py --run runs/<a finished run>
+
+Each variant is the run's job with a few `--set` overrides (benchmarks/student_variants.yaml): it
+reruns only the stages its overrides reach (for student fields, student and evaluate; the earlier
+stages are reused by hash from the run's folder). Against the baseline (the first variant), the
+table counts the dev rows only the baseline gets right and only the variant gets right, with the
+exact McNemar test's two-sided p-value on them. Writes benchmarks/results/student_variants.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from math import comb
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def mcnemar_exact(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar p-value: the discordant rows as a binomial(n, 1/2) draw."""
+    discordant = only_first + only_second
+    if discordant == 0:
+        return 1.0
+    tail = sum(comb(discordant, i) for i in range(min(only_first, only_second) + 1)) / 2**discordant
+    return min(1.0, 2 * tail)
+
+
+def paired(baseline: np.ndarray, variant: np.ndarray) -> dict:
+    """Rows only the baseline gets right, only the variant gets right, and the McNemar p-value."""
+    only_baseline, only_variant = int((baseline & ~variant).sum()), int((~baseline & variant).sum())
+    return {"only_baseline_right": only_baseline, "only_variant_right": only_variant, "p_value": mcnemar_exact(only_baseline, only_variant)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="A run directory whose stages have finished (its job.yaml is the base)")
+    parser.add_argument("--variants", type=Path, default=REPO / "benchmarks" / "student_variants.yaml", help="name: [section.field=value, ...]; the first is the baseline")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "student_variants", help="Results path without suffix")
+    args = parser.parse_args()
+
+    import pandas as pd
+
+    from retrikt_ray.artifacts import read_manifest
+    from retrikt_ray.config import SpecError, load_spec
+    from retrikt_ray.pipeline import run
+
+    variants = yaml.safe_load(args.variants.read_text())
+    base = load_spec(args.run / "job.yaml")
+    rows, correct = [], {}
+    for name, overrides in variants.items():
+        try:
+            spec = load_spec(args.run / "job.yaml", [*overrides, f"name={base.name}-{name}", f"storage.runs_dir={args.run.resolve().parent}"])
+        except SpecError as error:
+            sys.exit(f"{args.variants}: variant {name}: {error}")
+        run_dir = run(spec, log=lambda line, name=name: print(f"[{name}] {line}", flush=True))
+        metrics = read_manifest(run_dir / "evaluate")["metrics"]
+        predictions = pd.read_parquet(run_dir / "evaluate" / "predictions.parquet")
+        correct[name] = (predictions["gold"] == predictions["predicted"]).to_numpy()
+        last = read_manifest(run_dir / "student")["metrics"]["history"][-1]
+        baseline = next(iter(correct))
+        rows.append(
+            {
+                "variant": name,
+                "overrides": overrides,
+                "run": run_dir.name,
+                **{key: metrics[key] for key in ("accuracy_student_store", "accuracy_student_head", "accuracy_retrieval_only")},
+                "last_epoch": {key: last[key] for key in ("kd", "ce", "rank")},
+                "against_baseline": None if name == baseline else paired(correct[baseline], correct[name]),
+            }
+        )
+        print(rows[-1], flush=True)
+    settings = {"run": args.run.name, "task": base.task.name, "teacher": base.teacher.model, "student": base.student.model, "dev_examples": len(next(iter(correct.values())))}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(rows, settings))
+    print(args.out.with_suffix(".md").read_text())
+
+
+def markdown(rows: list[dict], settings: dict) -> str:
+    baseline = rows[0]["variant"]
+    lines = [
+        f"# Student variants on `{settings['run']}`",
+        "",
+        f"{settings['task']}, all {settings['dev_examples']} dev rows; teacher {settings['teacher']}, student {settings['student']}. "
+        f"Each variant reruns the student and evaluate stages on the run's store. The last columns compare each variant "
+        f"with `{baseline}` row by row: rows only one of the two gets right, and the exact McNemar p-value.",
+        "",
+        "| variant | overrides | student+store | head alone | retrieval alone | last epoch kd / ce / rank | only baseline right / only variant right | p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        paired_cells = "- | -" if row["against_baseline"] is None else "{only_baseline_right} / {only_variant_right} | {p_value:.3f}".format(**row["against_baseline"])
+        last = row["last_epoch"]
+        lines.append(
+            f"| {row['variant']} | `{' '.join(row['overrides'])}` | {100 * row['accuracy_student_store']:.1f} | {100 * row['accuracy_student_head']:.1f} | "
+            f"{100 * row['accuracy_retrieval_only']:.1f} | {last['kd']:.3f} / {last['ce']:.3f} / {last['rank']:.3f} | {paired_cells} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
