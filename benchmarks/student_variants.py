@@ -100,7 +100,7 @@ def markdown(rows: list[dict], settings: dict) -> str:
         paired_cells = "- | -" if row["against_baseline"] is None else "{only_baseline_right} / {only_variant_right} | {p_value:.3f}".format(**row["against_baseline"])
         last = row["last_epoch"]
         lines.append(
-            f"| {row['variant']} | `{' '.join(row['overrides'])}` | {100 * row['accuracy_student_store']:.1f} | {100 * row['accuracy_student_head']:.1f} | "
+            f"| {row['variant']} | {' '.join(f'`{override}`' for override in row['overrides']) or 'as run'} | {100 * row['accuracy_student_store']:.1f} | {100 * row['accuracy_student_head']:.1f} | "
             f"{100 * row['accuracy_retrieval_only']:.1f} | {last['kd']:.3f} / {last['ce']:.3f} / {last['rank']:.3f} | {paired_cells} |"
         )
     return "\n".join(lines) + "\n"

@@ -294,25 +294,28 @@ def test_student_variants_benchmark_reruns_only_the_student_and_evaluate_stages(
     copy = tmp_path / "runs" / run_dir.name
     shutil.copytree(run_dir, copy)
     variants = tmp_path / "variants.yaml"
-    variants.write_text("no_rank: [student.b=0]\nstore_lists: [student.b=1, student.rank_lists=store]\n")
+    variants.write_text("as_run: []\nstore_lists: [student.rank_lists=store]\n")
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "student_variants.py"), "--run", str(copy), "--variants", str(variants), "--out", str(tmp_path / "variants")],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads((tmp_path / "variants.json").read_text())["rows"]
-    assert [row["variant"] for row in rows] == ["no_rank", "store_lists"]
-    assert rows[0]["against_baseline"] is None and rows[0]["last_epoch"]["rank"] == 0.0 and rows[1]["last_epoch"]["rank"] > 0
-    dev_rows = json.loads((tmp_path / "variants.json").read_text())["settings"]["dev_examples"]
+    results = json.loads((tmp_path / "variants.json").read_text())
+    rows = results["rows"]
+    assert [row["variant"] for row in rows] == ["as_run", "store_lists"]
+    assert rows[0]["against_baseline"] is None and all(row["last_epoch"]["rank"] > 0 for row in rows)
     against = rows[1]["against_baseline"]
-    assert against["only_baseline_right"] + against["only_variant_right"] <= dev_rows and 0.0 <= against["p_value"] <= 1.0
-    assert "| store_lists | `student.b=1 student.rank_lists=store` |" in (tmp_path / "variants.md").read_text()
+    assert against["only_baseline_right"] + against["only_variant_right"] <= results["settings"]["dev_examples"] and 0.0 <= against["p_value"] <= 1.0
+    table = (tmp_path / "variants.md").read_text()
+    assert "| as_run | as run |" in table and "| store_lists | `student.rank_lists=store` |" in table
+
     def manifest(folder, stage):
         return json.loads((folder / stage / "manifest.json").read_text())
 
-    for row in rows:
-        variant_dir = tmp_path / "runs" / row["run"]
-        for stage in ("prompt", "ppo", "generate", "store"):
-            assert manifest(variant_dir, stage)["reused_from"] and manifest(variant_dir, stage)["finished_at"] == manifest(copy, stage)["finished_at"]
-        assert not manifest(variant_dir, "student").get("reused_from")
-        assert manifest(variant_dir, "student")["stage_hash"] != manifest(copy, "student")["stage_hash"]
+    unchanged, changed = (tmp_path / "runs" / row["run"] for row in rows)
+    for stage in ("prompt", "ppo", "generate", "store", "student", "evaluate"):
+        assert manifest(unchanged, stage)["finished_at"] == manifest(copy, stage)["finished_at"]
+    for stage in ("prompt", "ppo", "generate", "store"):
+        assert manifest(changed, stage)["reused_from"] and manifest(changed, stage)["finished_at"] == manifest(copy, stage)["finished_at"]
+    assert not manifest(changed, "student").get("reused_from")
+    assert manifest(changed, "student")["stage_hash"] != manifest(copy, "student")["stage_hash"]
