@@ -90,7 +90,7 @@ def markdown(rows: list[dict], settings: dict) -> str:
         f"# Student variants on `{settings['run']}`",
         "",
         f"{settings['task']}, all {settings['dev_examples']} dev rows; teacher {settings['teacher']}, student {settings['student']}. "
-        f"Each variant reruns the student and evaluate stages on the run's store. The last columns compare each variant "
+        f"Each variant reruns the stages its overrides reach (student fields: the student and evaluate stages on the run's store) and reuses the earlier ones by hash. The last columns compare each variant "
         f"with `{baseline}` row by row: rows only one of the two gets right, and the exact McNemar p-value.",
         "",
         "| variant | overrides | student+store | head alone | retrieval alone | last epoch kd / ce / rank | only baseline right / only variant right | p |",
