@@ -6,7 +6,8 @@
 Per task and seed (k labelled examples per class, COPA k in total) it scores on the dev set: the
 teacher (calibrated zero-shot; stage-1 tuned prompt as classifier), the student alone (fine-tuned,
 linear probe, SetFit), the student distilled on the generated data without retrieval (ZeroGen-style),
-RetriKT (student + store) and its ablations (no PPO, head alone, no L_rank, store 25% / 50%). Pipeline
+RetriKT (student + store) and its ablations (no PPO, head alone, no L_rank, store 25% / 50%; head alone
+and no L_rank on every task, the others on the profile's ablation tasks). Pipeline
 runs share their finished stages through the stage hashes (all variants of a task and seed reuse its
 prompt; all but no-PPO its PPO and generation). Every finished cell is written to the results JSON
 at once, so a rerun skips it. Writes benchmarks/results/quality.{json,md} and three PNGs.
@@ -61,7 +62,7 @@ class Profile(BaseModel):
     seeds: list[int] = Field(description="Seeds of the few-shot draw, generation and student training")
     shots: int = Field(16, ge=1, description="k labelled examples per class (choice tasks: in total)")
     dev_limit: int | None = Field(None, ge=1, description="Score on the first N dev rows of every task (None: all)")
-    ablation_tasks: list[str] = Field(description="Tasks on which the ablations run")
+    ablation_tasks: list[str] = Field(description="Tasks on which the ablations run (no L_rank runs on every task)")
     store_fractions: list[float] = Field(description="Store sizes of the store-size ablation, below 1 (1 is the full run)")
     rank_weights: list[float] = Field(
         default_factory=list, description="Further L_rank weights b to ablate, besides 0 and the profile's own (the full run)"
@@ -107,11 +108,11 @@ def method_labels(profile: Profile) -> dict[str, str]:
 
 
 def variant_specs(profile: Profile, profile_name: str, task: str, seed: int, runs_dir: Path) -> dict[str, JobSpec]:
-    """The pipeline runs of one task and seed: full, ZeroGen-style, and (on ablation tasks) the ablations."""
-    changes: dict[str, dict] = {"full": {}, "zerogen": {"student": {"lam": 0.0, "b": 0.0}}}
+    """The pipeline runs of one task and seed: full, ZeroGen-style, no L_rank, and (on ablation tasks) the other ablations."""
+    # No L_rank runs on every task: it reruns only the student and evaluate stages.
+    changes: dict[str, dict] = {"full": {}, "zerogen": {"student": {"lam": 0.0, "b": 0.0}}, "no_rank": {"student": {"b": 0.0}}}
     if task in profile.ablation_tasks:
         changes["no_ppo"] = {"ppo": {"enabled": False}}
-        changes["no_rank"] = {"student": {"b": 0.0}}
         for weight in profile.rank_weights:
             changes[rank_method(weight).removeprefix("retrikt_")] = {"student": {"b": weight}}
         for fraction in profile.store_fractions:
@@ -336,9 +337,9 @@ def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int
     cell("teacher_zero_shot", lambda: full_cell("accuracy_teacher_zero_shot"))
     cell("teacher_tuned_prompt", lambda: tuned_prompt_accuracy(full, task, dev, gold, run_dirs.get("full") or run(full, log=print), settings))
     cell("zerogen", lambda: pipeline_metrics("zerogen")["accuracy_student_head"])
+    cell("retrikt_no_rank", lambda: pipeline_metrics("no_rank")["accuracy_student_store"])
     if task_name in profile.ablation_tasks:
         cell("retrikt_no_ppo", lambda: pipeline_metrics("no_ppo")["accuracy_student_store"])
-        cell("retrikt_no_rank", lambda: pipeline_metrics("no_rank")["accuracy_student_store"])
         for method in [*map(rank_method, profile.rank_weights), *map(fraction_method, profile.store_fractions)]:
             variant = method.removeprefix("retrikt_")
             cell(method, lambda variant=variant: pipeline_metrics(variant)["accuracy_student_store"])

@@ -140,6 +140,7 @@ def test_variants_share_the_stages_they_should(tiny_models, tmp_path):
     assert specs["full"].generate.max_new_tokens == 48  # the rte override leaves sst2 alone
     rte = quality.variant_specs(profile, "test", "rte", 0, tmp_path)
     assert rte["full"].generate.max_new_tokens == 96 and rte["full"].teacher.model == tiny_models["teacher"]
+    assert set(rte) == {"full", "zerogen", "no_rank"}  # no L_rank is cheap (student and evaluate only): every task
     budgets = tmp_path / "budgets.yaml"
     budgets.write_text(yaml.safe_dump({"profiles": {"typo": {**profile.model_dump(), "task_job": {"rtee": {}}}}}))
     with pytest.raises(SystemExit, match=r"budgets.yaml, profile typo: task_job: rtee not in tasks \['sst2', 'rte'\]$"):
