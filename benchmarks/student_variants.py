@@ -1,4 +1,4 @@
-"""Student-stage variants on one finished run, compared row by row on dev with the first variant.
+"""Variants of one finished run (student settings, PPO, pool size), compared row by row on dev with the first variant.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/student_variants.py --run runs/<a finished run>
 
@@ -6,7 +6,10 @@ Each variant is the run's job with a few `--set` overrides (benchmarks/student_v
 reruns only the stages its overrides reach (for student fields, student and evaluate; the earlier
 stages are reused by hash from the run's folder). Against the baseline (the first variant), the
 table counts the dev rows only the baseline gets right and only the variant gets right, with the
-exact McNemar test's two-sided p-value on them. Writes benchmarks/results/student_variants.{json,md}.
+exact McNemar test's two-sided p-value on them. Per variant it also records the generated pool's
+share whose teacher label is the intended one, the store's rows, and the dev rows on which
+student+store answers what the teacher's zero-shot classifier answers. Writes
+benchmarks/results/student_variants.{json,md}.
 """
 
 from __future__ import annotations
@@ -64,14 +67,20 @@ def main() -> None:
         metrics = read_manifest(run_dir / "evaluate")["metrics"]
         predictions = pd.read_parquet(run_dir / "evaluate" / "predictions.parquet")
         correct[name] = (predictions["gold"] == predictions["predicted"]).to_numpy()
+        teacher_agreement = float((np.stack(predictions["p_teacher"]).argmax(axis=1) == predictions["predicted"]).mean()) if "p_teacher" in predictions else None
         last = read_manifest(run_dir / "student")["metrics"]["history"][-1]
+        pool = read_manifest(run_dir / "generate")["counts"]
+        annotated = pool["kept"] + pool.get("dropped_teacher_disagrees", 0)
         baseline = next(iter(correct))
         rows.append(
             {
                 "variant": name,
                 "overrides": overrides,
                 "run": run_dir.name,
+                "pool_teacher_agrees_with_intended_label": 1 - pool["teacher_disagrees"] / annotated,
+                "store_rows": metrics["store_rows"],
                 **{key: metrics[key] for key in ("accuracy_student_store", "accuracy_student_head", "accuracy_retrieval_only")},
+                "teacher_agreement": teacher_agreement,
                 "last_epoch": {key: last[key] for key in ("kd", "ce", "rank")},
                 "against_baseline": None if name == baseline else paired(correct[baseline], correct[name]),
             }
@@ -91,17 +100,20 @@ def markdown(rows: list[dict], settings: dict) -> str:
         "",
         f"{settings['task']}, all {settings['dev_examples']} dev rows; teacher {settings['teacher']}, student {settings['student']}. "
         f"Each variant reruns the stages its overrides reach (student fields: the student and evaluate stages on the run's store) and reuses the earlier ones by hash. The last columns compare each variant "
-        f"with `{baseline}` row by row: rows only one of the two gets right, and the exact McNemar p-value.",
+        f"with `{baseline}` row by row: rows only one of the two gets right, and the exact McNemar p-value. "
+        "'pool labels': the share of the generated samples whose teacher label is the label they were generated for; "
+        "'agrees with teacher': the dev rows on which student+store answers what the teacher's calibrated zero-shot classifier answers.",
         "",
-        "| variant | overrides | student+store | head alone | retrieval alone | last epoch kd / ce / rank | only baseline right / only variant right | p |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | overrides | pool labels | store rows | student+store | head alone | retrieval alone | agrees with teacher | last epoch kd / ce / rank | only baseline right / only variant right | p |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         paired_cells = "- | -" if row["against_baseline"] is None else "{only_baseline_right} / {only_variant_right} | {p_value:.3f}".format(**row["against_baseline"])
         last = row["last_epoch"]
+        agreement = "-" if row["teacher_agreement"] is None else f"{100 * row['teacher_agreement']:.1f}"
         lines.append(
-            f"| {row['variant']} | {' '.join(f'`{override}`' for override in row['overrides']) or 'as run'} | {100 * row['accuracy_student_store']:.1f} | {100 * row['accuracy_student_head']:.1f} | "
-            f"{100 * row['accuracy_retrieval_only']:.1f} | {last['kd']:.3f} / {last['ce']:.3f} / {last['rank']:.3f} | {paired_cells} |"
+            f"| {row['variant']} | {' '.join(f'`{override}`' for override in row['overrides']) or 'as run'} | {100 * row['pool_teacher_agrees_with_intended_label']:.1f} | {row['store_rows']} | {100 * row['accuracy_student_store']:.1f} | "
+            f"{100 * row['accuracy_student_head']:.1f} | {100 * row['accuracy_retrieval_only']:.1f} | {agreement} | {last['kd']:.3f} / {last['ce']:.3f} / {last['rank']:.3f} | {paired_cells} |"
         )
     return "\n".join(lines) + "\n"
 

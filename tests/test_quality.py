@@ -305,6 +305,7 @@ def test_student_variants_benchmark_reruns_only_the_student_and_evaluate_stages(
     rows = results["rows"]
     assert [row["variant"] for row in rows] == ["as_run", "store_lists"]
     assert rows[0]["against_baseline"] is None and all(row["last_epoch"]["rank"] > 0 for row in rows)
+    assert all(0.0 <= row["teacher_agreement"] <= 1.0 and row["store_rows"] > 0 and 0.0 <= row["pool_teacher_agrees_with_intended_label"] <= 1.0 for row in rows)  # the tiny run scores its teacher
     against = rows[1]["against_baseline"]
     assert against["only_baseline_right"] + against["only_variant_right"] <= results["settings"]["dev_examples"] and 0.0 <= against["p_value"] <= 1.0
     table = (tmp_path / "variants.md").read_text()
