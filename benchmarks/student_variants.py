@@ -96,7 +96,7 @@ def main() -> None:
 def markdown(rows: list[dict], settings: dict) -> str:
     baseline = rows[0]["variant"]
     lines = [
-        f"# Student variants on `{settings['run']}`",
+        f"# Variants of `{settings['run']}`",
         "",
         f"{settings['task']}, all {settings['dev_examples']} dev rows; teacher {settings['teacher']}, student {settings['student']}. "
         f"Each variant reruns the stages its overrides reach (student fields: the student and evaluate stages on the run's store) and reuses the earlier ones by hash. The last columns compare each variant "
