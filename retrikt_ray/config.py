@@ -229,6 +229,20 @@ class GenerateSpec(Section):
         return self
 
 
+class UnlabelledSpec(Section):
+    """Stage 3b, beyond the paper's recipe (off by default): in-domain texts without labels, labelled by the
+    teacher's calibrated zero-shot classifier, join the generated samples in the store."""
+
+    samples: int = Field(0, ge=0, description="Unlabelled texts the teacher labels into the store (0: none, the paper's recipe)")
+    file: str | None = Field(
+        None,
+        description="File of in-domain inputs in the task's format, labels not needed (ignored if present); "
+        "default: the training file, without the labelled examples",
+    )
+    min_words: int = Field(3, ge=1, description="Shorter texts are skipped (counted)")
+    seed: int = Field(0, description="Seed of the random draw of `samples` texts from the file")
+
+
 class StoreSpec(Section):
     """Stage 4: the knowledge store (FAISS over student-embedding keys)."""
 
@@ -380,6 +394,7 @@ class JobSpec(Section):
     prompt: PromptSpec = PromptSpec()
     ppo: PPOSpec = PPOSpec()
     generate: GenerateSpec = GenerateSpec()
+    unlabelled: UnlabelledSpec = UnlabelledSpec()
     store: StoreSpec = StoreSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
@@ -493,7 +508,7 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | None = None
 
 
 def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
-    sections = [(spec.data, "train_file"), (spec.data, "dev_file")]
+    sections = [(spec.data, "train_file"), (spec.data, "dev_file"), (spec.unlabelled, "file")]
     sections += [(settings, "config_file") for settings in (spec.deepspeed, *(getattr(spec, stage).deepspeed for stage in TRAINING_STAGES)) if settings is not None]
     for section, field in sections:
         value = getattr(section, field)

@@ -21,13 +21,13 @@ from .artifacts import (
     write_job_file,
 )
 from .config import TRAINING_STAGES, JobSpec, SpecError
-from .stages import evaluate, generate, ppo, prompt, store, student
+from .stages import evaluate, generate, ppo, prompt, store, student, unlabelled
 
-STAGES = (prompt, ppo, generate, store, student, evaluate)
+STAGES = (prompt, ppo, generate, unlabelled, store, student, evaluate)
 STAGE_NAMES = tuple(module.NAME for module in STAGES)
 # Stages whose results depend on the bytes of the training or dev file.
-_TRAIN_FILE_STAGES = {"prompt", "ppo", "student"}
-_DEV_FILE_STAGES = {"evaluate"}
+_TRAIN_FILE_STAGES = {"prompt", "ppo", "unlabelled", "student"}
+_DEV_FILE_STAGES = {"unlabelled", "evaluate"}
 
 
 def validate(spec: JobSpec) -> str:
@@ -39,6 +39,8 @@ def validate(spec: JobSpec) -> str:
     train, dev = data_files(spec, task)
     train_rows, dev_rows = task.load(train), task.load(dev)
     task.few_shot(train_rows, spec.data.shots, spec.data.seed)
+    if spec.unlabelled.file is not None:
+        task.load(spec.unlabelled.file, labelled=False)
     for field, name in (("teacher.model", spec.teacher.model), ("student.model", spec.student.model)):
         try:
             check_model_name(name)
@@ -57,6 +59,8 @@ def plan(spec: JobSpec, run_dir: Path) -> list[StageRun]:
     for module in STAGES:
         inputs = {name: hashes[name] for name in module.INPUTS}
         files = ([train] if module.NAME in _TRAIN_FILE_STAGES else []) + ([dev] if module.NAME in _DEV_FILE_STAGES else [])
+        if module.NAME == "unlabelled" and spec.unlabelled.file is not None:
+            files.append(Path(spec.unlabelled.file))
         if module.NAME in TRAINING_STAGES and spec.deepspeed_for(module.NAME).config_file is not None:
             files.append(Path(spec.deepspeed_for(module.NAME).config_file))
         hashes[module.NAME] = stage_hash(spec, module.CONFIG_KEYS, inputs, files)

@@ -277,12 +277,13 @@ class Task:
         train, dev = _PACKAGED_FILES[self.name]
         return str(DATA_DIR / self.name / train), str(DATA_DIR / self.name / dev)
 
-    def load(self, path: str | Path) -> list[Example]:
-        """Read a jsonl, tsv or csv file (optionally .gz) into examples; a bad row raises `path:line: ...`."""
+    def load(self, path: str | Path, labelled: bool = True) -> list[Example]:
+        """Read a jsonl, tsv or csv file (optionally .gz) into examples; a bad row raises `path:line: ...`.
+        With `labelled` False the label field is not needed, and ignored where present (labels -1)."""
         path = str(path)
         if not Path(path).is_file():
             raise SpecError(f"{path}: file not found")
-        columns = self._input_fields + [self.spec.label_field]
+        columns = self._input_fields + ([self.spec.label_field] if labelled else [])
         examples = []
         try:
             with _open_text(path) as handle:
@@ -294,7 +295,7 @@ class Task:
                 else:
                     rows = _table_rows(csv.reader(handle), path, columns)
                 for line, record in rows:
-                    examples.append(self._example(record, f"{path}:{line}"))
+                    examples.append(self._example(record, f"{path}:{line}", labelled))
         except UnicodeDecodeError as error:
             raise SpecError(f"{path}: not UTF-8 text ({error.reason})") from None
         except (gzip.BadGzipFile, EOFError) as error:
@@ -303,7 +304,7 @@ class Task:
             raise SpecError(f"{path}: no examples")
         return examples
 
-    def _example(self, record: dict, source: str) -> Example:
+    def _example(self, record: dict, source: str, labelled: bool = True) -> Example:
         fields = {}
         for field in self._input_fields:
             if field not in record:
@@ -311,6 +312,11 @@ class Task:
             if not isinstance(record[field], str):
                 raise SpecError(f"{source}: field '{field}' is not a string")
             fields[field] = normalise(record[field])
+        question = fields.get(self.question_field)
+        if self.question_field and question not in self.connectives:
+            raise SpecError(f"{source}: {self.question_field} '{question}' is not one of {list(self.connectives)}")
+        if not labelled:
+            return Example(fields, -1, source)
         label_field = self.spec.label_field
         if label_field not in record:
             raise SpecError(f"{source}: missing field '{label_field}'")
@@ -318,9 +324,6 @@ class Task:
         raw_label = raw_label if isinstance(raw_label, str) else json.dumps(raw_label)
         if raw_label not in self.spec.label_values:
             raise SpecError(f"{source}: label '{raw_label}' is not one of {self.spec.label_values}")
-        question = fields.get(self.question_field)
-        if self.question_field and question not in self.connectives:
-            raise SpecError(f"{source}: {self.question_field} '{question}' is not one of {list(self.connectives)}")
         return Example(fields, self.spec.label_values.index(raw_label), source)
 
     # ------------------------------------------------------------------------------- few shots

@@ -77,5 +77,6 @@ def sst2_run(ray_local, tiny_models, tmp_path_factory):
     spec.ppo.keep_stage1_when_worse = False
     # Long enough (20 steps) for the fault test to kill a worker between checkpoints.
     spec.student.epochs = 20
+    spec.unlabelled.samples = 6
     run_dir, _ = run_logged(spec)
     return spec, run_dir

@@ -94,7 +94,11 @@ def test_stage_hashes_change_only_downstream_of_the_change(tmp_path):
     sharper = base.model_copy(deep=True)
     sharper.teacher.soft_label_temperature = 0.5
     after = {stage.name: stage.stage_hash for stage in plan(sharper, tmp_path)}
-    assert [name for name in before if before[name] != after[name]] == ["generate", "store", "student", "evaluate"]
+    assert [name for name in before if before[name] != after[name]] == ["generate", "unlabelled", "store", "student", "evaluate"]
+    in_domain = base.model_copy(deep=True)
+    in_domain.unlabelled.samples = 100
+    after = {stage.name: stage.stage_hash for stage in plan(in_domain, tmp_path)}
+    assert [name for name in before if before[name] != after[name]] == ["unlabelled", "store", "student", "evaluate"]
     # Resources change speed, not results: no stage reruns.
     moved = base.model_copy(deep=True)
     moved.resources.num_workers = 4

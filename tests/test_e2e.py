@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["prompt", "ppo", "generate", "store", "student", "evaluate"]
+STAGES = ["prompt", "ppo", "generate", "unlabelled", "store", "student", "evaluate"]
 EXPECTED_FILES = {
     "prompt": ["soft_prompt.safetensors", "adapter/adapter_config.json"],
     "ppo": ["soft_prompt.safetensors", "value_head.safetensors", "ppo_curves.png"],
     "generate": ["samples.parquet"],
+    "unlabelled": ["samples.parquet"],
     "store": ["rows.parquet", "keys.npy", "index.faiss", "store.json"],
     "student": ["model/student.json", "model/encoder/config.json", "store/index.faiss", "store/store.json"],
     "evaluate": ["predictions.parquet"],

@@ -315,9 +315,9 @@ def test_student_variants_benchmark_reruns_only_the_student_and_evaluate_stages(
         return json.loads((folder / stage / "manifest.json").read_text())
 
     unchanged, changed = (tmp_path / "runs" / row["run"] for row in rows)
-    for stage in ("prompt", "ppo", "generate", "store", "student", "evaluate"):
+    for stage in ("prompt", "ppo", "generate", "unlabelled", "store", "student", "evaluate"):
         assert manifest(unchanged, stage)["finished_at"] == manifest(copy, stage)["finished_at"]
-    for stage in ("prompt", "ppo", "generate", "store"):
+    for stage in ("prompt", "ppo", "generate", "unlabelled", "store"):
         assert manifest(changed, stage)["reused_from"] and manifest(changed, stage)["finished_at"] == manifest(copy, stage)["finished_at"]
     assert not manifest(changed, "student").get("reused_from")
     assert manifest(changed, "student")["stage_hash"] != manifest(copy, "student")["stage_hash"]

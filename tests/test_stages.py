@@ -244,10 +244,48 @@ def test_filtering_names_why_each_sample_was_dropped(tiny_models, tmp_path):
     ]
 
 
-def test_store_stage_indexes_every_kept_sample(sst2_run):
+def test_unlabelled_stage_labels_in_domain_texts_with_the_teachers_answer(sst2_run):
+    from retrikt_ray.tasks import Task, load_dev, load_few_shot
+
+    spec, run_dir = sst2_run
+    counts = manifest(run_dir, "unlabelled")["counts"]
+    assert counts["annotated"] == spec.unlabelled.samples == sum(counts[f"teacher_label_{name}"] for name in ("negative", "positive"))
+    texts = pd.read_parquet(run_dir / "unlabelled" / "samples.parquet")
+    soft = np.stack(texts["soft_label"].to_numpy())
+    assert np.allclose(soft.sum(axis=1), 1, atol=1e-5) and texts["label"].tolist() == soft.argmax(axis=1).tolist()
+    assert np.stack(texts["teacher_state"].to_numpy()).shape == (len(texts), 32)
+    task = Task.from_spec(spec.task)
+    train = {json.dumps(example.fields) for example in task.load(task.default_files()[0])}
+    held_out = {json.dumps(example.fields) for example in load_few_shot(spec)[1] + load_dev(spec)[1]}
+    assert set(texts["fields"]) <= train and not set(texts["fields"]) & held_out
+
+
+def test_unlabelled_texts_skip_labelled_dev_repeated_and_short_ones_and_count_them(tiny_models, tmp_path):
+    from retrikt_ray.stages.unlabelled import draw_texts
+    from retrikt_ray.tasks import load_dev, load_few_shot
+
+    spec = tiny_spec(tiny_models, tmp_path)
+    task, labelled = load_few_shot(spec)
+    dev = task.load(task.default_files()[1])
+    rows = [labelled[0].fields["sentence"], dev[-1].fields["sentence"].upper(), "a fine film , warmly acted", "A fine film ,  warmly acted", "too short", "a dull and tired remake"]
+    source = tmp_path / "reviews.tsv"
+    source.write_text("sentence\n" + "\n".join(rows) + "\n")  # no label column
+    spec.unlabelled.file, spec.unlabelled.min_words, spec.unlabelled.samples = str(source), 3, 5
+    drawn, skipped, eligible = draw_texts(spec, task)
+    assert dict(skipped) == {"labelled_example": 1, "in_dev_set": 1, "duplicate": 1, "too_short": 1}
+    assert eligible == 2 and sorted(example.fields["sentence"] for example in drawn) == ["a dull and tired remake", "a fine film , warmly acted"]
+    assert all(example.label == -1 for example in drawn)
+    spec.unlabelled.samples = 1
+    assert len(draw_texts(spec, task)[0]) == 1
+    assert len(load_dev(spec)[1]) == 24  # data.dev_limit, while every dev row was held out above
+
+
+def test_store_stage_indexes_every_kept_sample_and_unlabelled_text(sst2_run):
     spec, run_dir = sst2_run
     store = KnowledgeStore.load(run_dir / "store")
-    assert len(store) == manifest(run_dir, "generate")["counts"]["kept"]
+    counts = manifest(run_dir, "store")["counts"]
+    assert len(store) == counts["examples"] == manifest(run_dir, "generate")["counts"]["kept"] + spec.unlabelled.samples
+    assert counts["examples_unlabelled"] == spec.unlabelled.samples > 0
     _, ids = store.search(store.keys[:3], 1)
     assert ids[:, 0].tolist() == [0, 1, 2]
 
@@ -318,13 +356,13 @@ def test_retrieval_is_gated_off_when_the_stores_soft_labels_do_not_label_the_lab
 
 
 def test_a_gated_student_is_trained_saved_and_evaluated_with_its_head_alone(ray_local, tiny_models, tmp_path):
-    from retrikt_ray.stages import evaluate, generate, store, student
+    from retrikt_ray.stages import evaluate, generate, store, student, unlabelled
 
     spec = tiny_spec(tiny_models, tmp_path, student__tau=0.01)
     run_dir = tmp_path / "run"
     (run_dir / "generate").mkdir(parents=True)
     labelled_examples_as_samples(spec, flip=True).to_parquet(run_dir / "generate" / generate.SAMPLES)
-    run_stages(spec, run_dir, (store, student, evaluate))
+    run_stages(spec, run_dir, (unlabelled, store, student, evaluate))
     trained = manifest(run_dir, "student")
     assert trained["metrics"]["retrieval_labelled"]["retrieval_accuracy"] == 0.0 and trained["metrics"]["lam"] == 0.0
     assert "head alone (lam 0, not 0.5)" in trained["summary"]
@@ -342,13 +380,13 @@ def test_rank_lists_hold_each_row_once_and_never_padding():
 
 
 def test_a_student_ranking_store_lists_trains_on_a_nonzero_rank_loss(ray_local, tiny_models, tmp_path):
-    from retrikt_ray.stages import generate, store, student
+    from retrikt_ray.stages import generate, store, student, unlabelled
 
     spec = tiny_spec(tiny_models, tmp_path, student__rank_lists="store", student__rank_list_size=3, student__retrieval_gate=False)
     run_dir = tmp_path / "run"
     (run_dir / "generate").mkdir(parents=True)
     labelled_examples_as_samples(spec, flip=False).to_parquet(run_dir / "generate" / generate.SAMPLES)
-    run_stages(spec, run_dir, (store, student))
+    run_stages(spec, run_dir, (unlabelled, store, student))
     history = manifest(run_dir, "student")["metrics"]["history"]
     assert len(history) == spec.student.epochs
     assert all(np.isfinite(entry["rank"]) and entry["rank"] > 0 for entry in history)
@@ -366,12 +404,12 @@ def test_evaluate_stage_reports_metrics_in_range(sst2_run):
 
 
 def test_choice_task_stages(ray_local, tiny_models, tmp_path):
-    """COPA through annotation, store, student and evaluation. A random tiny teacher cannot write
-    parseable COPA examples, so the 'generated' samples here are real COPA training examples."""
-    from retrikt_ray.stages import evaluate, generate, store, student
+    """COPA through annotation, unlabelled texts, store, student and evaluation. A random tiny teacher cannot
+    write parseable COPA examples, so the 'generated' samples here are real COPA training examples."""
+    from retrikt_ray.stages import evaluate, generate, store, student, unlabelled
     from retrikt_ray.tasks import Task
 
-    spec = tiny_spec(tiny_models, tmp_path, task="copa")
+    spec = tiny_spec(tiny_models, tmp_path, task="copa", unlabelled__samples=6)
     task = Task.from_spec(spec.task)
     examples = task.load(task.default_files()[0])[:12]
     frame = pd.DataFrame(
@@ -382,9 +420,11 @@ def test_choice_task_stages(ray_local, tiny_models, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "generate").mkdir(parents=True)
     annotated.to_parquet(run_dir / "generate" / generate.SAMPLES)
-    run_stages(spec, run_dir, (store, student, evaluate))
+    run_stages(spec, run_dir, (unlabelled, store, student, evaluate))
     trained = KnowledgeStore.load(run_dir / "student" / "store")
-    assert len(trained) == 2 * len(examples)  # one row per alternative
+    assert len(trained) == 2 * (len(examples) + 6)  # one row per alternative
+    texts = pd.read_parquet(run_dir / "unlabelled" / generate.SAMPLES)
+    assert texts["label"].tolist() == np.stack(texts["soft_label"].to_numpy()).argmax(axis=1).tolist()
     assert sorted(np.unique(trained.labels)) == [0, 1]
     metrics = manifest(run_dir, "evaluate")["metrics"]
     assert metrics["dev_examples"] == 24
@@ -402,7 +442,7 @@ def test_rerun_skips_and_changes_rerun_only_downstream(sst2_run, tiny_models):
     assert new_dir != run_dir
     reused = [line.split("]")[0][1:] for line in lines if "reused" in line]
     ran = [line.split("]")[0][1:] for line in lines if "reused" not in line]
-    assert reused == ["prompt", "ppo", "generate", "store"]
+    assert reused == ["prompt", "ppo", "generate", "unlabelled", "store"]
     assert ran == ["student", "evaluate"]
     assert manifest(new_dir, "store")["reused_from"].endswith("store")
 
@@ -425,7 +465,7 @@ def test_force_redoes_a_finished_stage(sst2_run):
     before = manifest(run_dir, "store")["finished_at"]
     _, lines = run_logged(spec, only="store", force=True)
     assert len(lines) == 1 and "skipped" not in lines[0] and "reused" not in lines[0]
-    assert manifest(run_dir, "store")["stage_hash"] == pipeline.plan(spec, run_dir)[3].stage_hash
+    assert manifest(run_dir, "store")["stage_hash"] == {stage.name: stage.stage_hash for stage in pipeline.plan(spec, run_dir)}["store"]
     assert before <= manifest(run_dir, "store")["finished_at"]
 
 

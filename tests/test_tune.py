@@ -27,7 +27,7 @@ def test_packaged_sweep_is_valid_for_the_demo():
         assert path.startswith("student.")
         for value in domain.values():
             with_values(spec, {path: value})
-    assert shared_stages([*sweep.space, sweep.scheduler.fidelity]) == ["prompt", "ppo", "generate", "store"]
+    assert shared_stages([*sweep.space, sweep.scheduler.fidelity]) == ["prompt", "ppo", "generate", "unlabelled", "store"]
 
 
 @pytest.mark.parametrize(
@@ -57,7 +57,7 @@ def test_swept_values_are_checked_as_job_fields():
 
 
 def test_trials_share_the_stages_before_the_first_swept_one():
-    assert shared_stages(["student.lr", "student.epochs"]) == ["prompt", "ppo", "generate", "store"]
+    assert shared_stages(["student.lr", "student.epochs"]) == ["prompt", "ppo", "generate", "unlabelled", "store"]
     assert shared_stages(["generate.samples_per_label"]) == ["prompt", "ppo"]
     assert shared_stages(["prompt.lr"]) == []
     assert shared_stages(["resources.num_workers"]) == list(pipeline.STAGE_NAMES)

@@ -17,7 +17,7 @@ from ..tasks import Example, Task
 from .generate import read_samples
 
 NAME = "store"
-INPUTS = ("generate",)
+INPUTS = ("generate", "unlabelled")
 CONFIG_KEYS = ("task", "student.model", "student.max_length", "student.trust_remote_code", "store")
 
 
@@ -48,11 +48,15 @@ def store_rows(task: Task, samples) -> dict:
 
 
 def run(spec: JobSpec, stage: StageRun) -> StageResult:
+    import pandas as pd
+
     from ..knowledge_store import KnowledgeStore
     from ..retrieval_student import RetrievalStudent, encoder_fingerprint
 
     task = Task.from_spec(spec.task)
-    samples = read_samples(stage.inputs["generate"])
+    generated, unlabelled = read_samples(stage.inputs["generate"]), read_samples(stage.inputs["unlabelled"])
+    columns = ["label", "fields", "soft_label", "teacher_state"]
+    samples = pd.concat([generated[columns].assign(unlabelled=False), unlabelled[columns].assign(unlabelled=True)], ignore_index=True)
     if spec.store.fraction < 1:
         chosen = np.random.default_rng(spec.generate.seed).permutation(len(samples))[: max(1, round(spec.store.fraction * len(samples)))]
         samples = samples.iloc[np.sort(chosen)].reset_index(drop=True)
@@ -69,6 +73,6 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
     store.save(stage.dir)
     return StageResult(
         metrics={"dim": int(keys.shape[1]), "index": store.index_kind, "version": store.version},
-        counts={"rows": len(rows["inputs"]), "examples": int(rows["example_ids"].max()) + 1},
-        summary=f"{len(rows['inputs'])} rows, {store.index_kind} index, dim {keys.shape[1]}",
+        counts={"rows": len(rows["inputs"]), "examples": len(samples), "examples_unlabelled": int(samples["unlabelled"].sum())},
+        summary=f"{len(rows['inputs'])} rows ({int(samples['unlabelled'].sum())} examples from unlabelled texts), {store.index_kind} index, dim {keys.shape[1]}",
     )

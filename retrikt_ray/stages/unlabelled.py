@@ -1,0 +1,89 @@
+"""Stage 3b, beyond the paper's recipe: the teacher labels in-domain texts that have no labels, and they
+join its generated samples in the store (off by default: `unlabelled.samples: 0`).
+
+Why: the student learns the teacher's soft labels of the teacher's own generations, and what it learns
+there carries over to real inputs only so far (benchmarks/results/student_variants_demo_pool.md: past
+about 1100 generated rows, a bigger pool does not raise accuracy). Real in-domain inputs, which a user
+usually has without labels, close part of that gap.
+
+The texts come from `unlabelled.file` (default: the training file, its labels ignored). Texts equal to
+a labelled example or a dev example, repeats, and texts under `min_words` words are skipped and counted;
+then `samples` of the rest are drawn with `seed` and annotated like generated samples (calibrated p_C,
+the calibration reference being these texts themselves, and h_T) in a Ray Data pass. Each keeps the
+teacher's answer as its label.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+
+from ..artifacts import StageResult, StageRun
+from ..config import JobSpec
+from ..tasks import Example, Task, data_files
+from .generate import SAMPLES, annotate
+
+NAME = "unlabelled"
+INPUTS = ()
+CONFIG_KEYS = ("task", "data.train_file", "data.dev_file", "data.shots", "data.seed", "teacher", "unlabelled")
+
+
+def draw_texts(spec: JobSpec, task: Task) -> tuple[list[Example], Counter, int]:
+    """(drawn examples, Counter of skip reasons, texts eligible before the draw)."""
+    from ..tasks import load_few_shot
+
+    train, dev_file = data_files(spec, task)
+    source = spec.unlabelled.file or train
+    _, labelled = load_few_shot(spec)
+    dev = task.load(dev_file)  # all of it, whatever data.dev_limit scores
+    labelled_keys, dev_keys = {_key(example) for example in labelled}, {_key(example) for example in dev}
+    skipped: Counter = Counter()
+    eligible, seen = [], set()
+    for example in task.load(source, labelled=False):
+        key = _key(example)
+        if key in labelled_keys:
+            skipped["labelled_example"] += 1
+        elif key in dev_keys:
+            skipped["in_dev_set"] += 1
+        elif key in seen:
+            skipped["duplicate"] += 1
+        elif len(" ".join(example.fields[field] for field in task.input_fields).split()) < spec.unlabelled.min_words:
+            skipped["too_short"] += 1
+        else:
+            seen.add(key)
+            eligible.append(example)
+    order = np.random.default_rng(spec.unlabelled.seed).permutation(len(eligible))[: spec.unlabelled.samples]
+    return [eligible[index] for index in np.sort(order)], skipped, len(eligible)
+
+
+def _key(example: Example) -> str:
+    return json.dumps({name: value.lower() for name, value in example.fields.items()}, sort_keys=True)
+
+
+def run(spec: JobSpec, stage: StageRun) -> StageResult:
+    import pandas as pd
+
+    task = Task.from_spec(spec.task)
+    columns = ["label", "text", "fields"]
+    if spec.unlabelled.samples == 0:
+        pd.DataFrame(columns=[*columns, "teacher_state", "soft_label"]).to_parquet(stage.dir / SAMPLES, index=False)
+        return StageResult(metrics={}, counts={"annotated": 0}, summary="off (unlabelled.samples: 0)")
+    drawn, skipped, eligible = draw_texts(spec, task)
+    frame = pd.DataFrame(
+        {"label": [-1] * len(drawn), "text": [task.example_text(example) for example in drawn], "fields": [json.dumps(example.fields) for example in drawn]},
+        columns=columns,
+    )
+    annotated = annotate(spec, task, frame, spec.model_dump(mode="json"))
+    annotated["label"] = [int(np.argmax(soft)) for soft in annotated["soft_label"]]
+    annotated.to_parquet(stage.dir / SAMPLES, index=False)
+    short = f"; {spec.unlabelled.samples} asked, only {eligible} eligible" if eligible < spec.unlabelled.samples else ""
+    counts = {
+        "eligible": eligible,
+        "annotated": len(annotated),
+        **{f"skipped_{reason}": count for reason, count in sorted(skipped.items())},
+        **{f"teacher_label_{task.label_names[label]}": int((annotated["label"] == label).sum()) for label in range(task.num_labels)},
+    }
+    reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
+    return StageResult(metrics={}, counts=counts, summary=f"{len(annotated)} texts labelled by the teacher (skipped: {reasons or 'none'}){short}")
