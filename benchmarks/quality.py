@@ -7,7 +7,9 @@ Per task and seed (k labelled examples per class, COPA k in total) it scores on 
 teacher (calibrated zero-shot; stage-1 tuned prompt as classifier), the student alone (fine-tuned,
 linear probe, SetFit), the student distilled on the generated data without retrieval (ZeroGen-style),
 RetriKT (student + store) and its ablations (no PPO, head alone, no L_rank, store 25% / 50%; head alone
-and no L_rank on every task, the others on the profile's ablation tasks). Pipeline
+and no L_rank on every task, the others on the profile's ablation tasks), and on the ablation tasks one
+step beyond the recipe when the profile asks for it: the full recipe with `unlabelled_samples` in-domain
+texts, labelled by the teacher, added to the store (the `unlabelled` stage). Pipeline
 runs share their finished stages through the stage hashes (all variants of a task and seed reuse its
 prompt; all but no-PPO its PPO and generation). Every finished cell is written to the results JSON
 at once, so a rerun skips it. Writes benchmarks/results/quality.{json,md} and three PNGs.
@@ -50,6 +52,7 @@ METHODS = {
     "retrikt_no_rank": "ablation: no L_rank (b = 0)",
 }
 STUDENT_ALONE = ("student_finetuned", "student_linear_probe", "student_setfit")
+UNLABELLED = "retrikt_unlabelled"
 
 
 class Profile(BaseModel):
@@ -66,6 +69,9 @@ class Profile(BaseModel):
     store_fractions: list[float] = Field(description="Store sizes of the store-size ablation, below 1 (1 is the full run)")
     rank_weights: list[float] = Field(
         default_factory=list, description="Further L_rank weights b to ablate, besides 0 and the profile's own (the full run)"
+    )
+    unlabelled_samples: int = Field(
+        0, ge=0, description="Beyond the recipe, on the ablation tasks: the full run plus this many teacher-labelled in-domain texts (0: not run)"
     )
     job: dict[str, Any] = Field(default_factory=dict, description="Job-spec mapping applied to every pipeline run")
     task_job: dict[str, dict[str, Any]] = Field(
@@ -104,6 +110,8 @@ def method_labels(profile: Profile) -> dict[str, str]:
     labels = dict(METHODS)
     labels.update({rank_method(weight): f"ablation: L_rank weight b = {weight:g}" for weight in profile.rank_weights})
     labels.update({fraction_method(fraction): f"ablation: store {fraction * 100:g}%" for fraction in profile.store_fractions})
+    if profile.unlabelled_samples:
+        labels[UNLABELLED] = f"beyond the recipe: full recipe + {profile.unlabelled_samples} unlabelled in-domain texts, labelled by the teacher"
     return labels
 
 
@@ -117,6 +125,8 @@ def variant_specs(profile: Profile, profile_name: str, task: str, seed: int, run
             changes[rank_method(weight).removeprefix("retrikt_")] = {"student": {"b": weight}}
         for fraction in profile.store_fractions:
             changes[fraction_method(fraction).removeprefix("retrikt_")] = {"store": {"fraction": fraction}}
+        if profile.unlabelled_samples:
+            changes[UNLABELLED.removeprefix("retrikt_")] = {"unlabelled": {"samples": profile.unlabelled_samples}}
     specs = {}
     for variant, change in changes.items():
         raw = _merge(
@@ -340,7 +350,8 @@ def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int
     cell("retrikt_no_rank", lambda: pipeline_metrics("no_rank")["accuracy_student_store"])
     if task_name in profile.ablation_tasks:
         cell("retrikt_no_ppo", lambda: pipeline_metrics("no_ppo")["accuracy_student_store"])
-        for method in [*map(rank_method, profile.rank_weights), *map(fraction_method, profile.store_fractions)]:
+        extension = [UNLABELLED] if profile.unlabelled_samples else []
+        for method in [*map(rank_method, profile.rank_weights), *map(fraction_method, profile.store_fractions), *extension]:
             variant = method.removeprefix("retrikt_")
             cell(method, lambda variant=variant: pipeline_metrics(variant)["accuracy_student_store"])
 

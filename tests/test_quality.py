@@ -133,6 +133,7 @@ def test_variants_share_the_stages_they_should(tiny_models, tmp_path):
         ablation_tasks=["sst2"],
         store_fractions=[0.25],
         rank_weights=[0.1],
+        unlabelled_samples=50,
         job={"teacher": {"model": tiny_models["teacher"]}, "student": {"model": tiny_models["student"]}},
         task_job={"rte": {"generate": {"max_new_tokens": 96}}},
     )
@@ -145,12 +146,13 @@ def test_variants_share_the_stages_they_should(tiny_models, tmp_path):
     budgets.write_text(yaml.safe_dump({"profiles": {"typo": {**profile.model_dump(), "task_job": {"rtee": {}}}}}))
     with pytest.raises(SystemExit, match=r"budgets.yaml, profile typo: task_job: rtee not in tasks \['sst2', 'rte'\]$"):
         quality.load_profile(budgets, "typo")
-    assert set(specs) == {"full", "zerogen", "no_ppo", "no_rank", "rank_b0.1", "store_25"}
+    assert set(specs) == {"full", "zerogen", "no_ppo", "no_rank", "rank_b0.1", "store_25", "unlabelled"}
     hashes = {variant: {stage.name: stage.stage_hash for stage in plan(spec, tmp_path / variant)} for variant, spec in specs.items()}
     full = hashes["full"]
     assert all(h["prompt"] == full["prompt"] for h in hashes.values())
-    for variant in ("zerogen", "no_rank", "rank_b0.1", "store_25"):
+    for variant in ("zerogen", "no_rank", "rank_b0.1", "store_25", "unlabelled"):
         assert hashes[variant]["generate"] == full["generate"]
+    assert specs["unlabelled"].unlabelled.samples == 50 and hashes["unlabelled"]["unlabelled"] != full["unlabelled"]
     assert hashes["no_ppo"]["ppo"] != full["ppo"]
     for variant in ("no_rank", "rank_b0.1"):
         assert hashes[variant]["store"] == full["store"] and hashes[variant]["student"] != full["student"]
