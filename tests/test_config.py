@@ -76,8 +76,9 @@ def test_overrides_reach_any_field(tmp_path):
 
 def test_relative_data_paths_resolve_against_the_spec(tmp_path):
     (tmp_path / "d").mkdir()
-    spec = load_spec(write(tmp_path / "d", "data:\n  train_file: train.jsonl\n"))
+    spec = load_spec(write(tmp_path / "d", "data:\n  train_file: train.jsonl\nunlabelled:\n  file: texts.jsonl\n"))
     assert spec.data.train_file == str(tmp_path / "d" / "train.jsonl")
+    assert spec.unlabelled.file == str(tmp_path / "d" / "texts.jsonl")
 
 
 def test_stage_hashes_change_only_downstream_of_the_change(tmp_path):
@@ -150,6 +151,16 @@ data:
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {data}:5: ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+    # Unlabelled texts need no label field, but every row must carry the input fields.
+    rows[4] = '{"text": "a review without typos", "stars": "good"}'
+    data.write_text("\n".join(rows) + "\n")
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "an unlabelled review"}\n{"body": "a field of another name"}\n')
+    result = cli("validate", str(job), "--set", f"unlabelled.file={texts}")
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {texts}:2: missing field 'text'"
+    texts.write_text('{"text": "an unlabelled review"}\n{"text": "another one", "stars": "unknown"}\n')
+    assert cli("validate", str(job), "--set", f"unlabelled.file={texts}").returncode == 0
 
 
 def test_deepspeed_settings_become_a_complete_engine_config(tmp_path):
