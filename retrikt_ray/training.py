@@ -160,6 +160,13 @@ class Optimiser:
         )
         self.model = self.engine
 
+    @property
+    def precision(self) -> str:
+        """The precision the engine trains in, as DeepSpeed set it up."""
+        if self.engine.bfloat16_enabled():
+            return "bf16"
+        return "fp16" if self.engine.fp16_enabled() else "fp32"
+
     def step(self, loss: torch.Tensor) -> None:
         """Backward and (at an accumulation boundary) an optimizer step."""
         self.engine.backward(loss)
@@ -249,16 +256,18 @@ def report_outputs(metrics: dict[str, Any], write: Callable[[Path], None], optim
     """Called by every rank at the end of a loop: rank 0 writes its files via `write(folder)`.
 
     The metrics gain, gathered from all ranks in rank order: `worker_nodes` (the Ray node of each rank),
-    `weights_digest` (a digest of each rank's trainable parameters: all equal when in sync), `items_seen`
+    `worker_devices` (the torch device each rank trained on), `weights_digest` (a digest of each rank's trainable parameters: all equal when in sync), `items_seen`
     (how many distinct data items each rank trained on, from `seen`) and `items_shared` (items that more
-    than one rank saw: 0 when the data was split). `write` runs with the trainable parameters gathered.
+    than one rank saw: 0 when the data was split); and `precision`, the engine's. `write` runs with the
+    trainable parameters gathered.
     """
     import ray
     import ray.train
 
-    rank, world, _ = worker_context()
+    rank, world, device = worker_context()
     mine = {
         "node": ray.get_runtime_context().get_node_id(),
+        "device": str(device),
         "digest": optimiser.trainable_digest(),
         "seen": sorted({str(item) for item in seen}),
     }
@@ -273,6 +282,8 @@ def report_outputs(metrics: dict[str, Any], write: Callable[[Path], None], optim
         **metrics,
         "workers": world,
         "worker_nodes": [entry["node"] for entry in everyone],
+        "worker_devices": [entry["device"] for entry in everyone],
+        "precision": optimiser.precision,
         "weights_digest": [entry["digest"] for entry in everyone],
         "items_seen": [len(entry["seen"]) for entry in everyone],
         "items_shared": sum(1 for count in counts.values() if count > 1),

@@ -36,6 +36,7 @@ def test_two_ranks_stay_in_sync_on_different_data(sst2_run, stage):
     assert len(digests) == 2 and digests[0] == digests[1]
     assert metrics["items_shared"] == 0
     assert all(count > 0 for count in metrics["items_seen"])
+    assert metrics["worker_devices"] == ["cpu", "cpu"] and metrics["precision"] == "fp32"
     assert not (run_dir / stage / TRAIN_STORAGE).exists()
 
 
@@ -166,7 +167,7 @@ def test_student_trains_under_zero3_in_bf16(sst2_run, tmp_path):
     run_logged(spec, only="student")
     metrics = manifest(copy, "student")["metrics"]
     digests = metrics["weights_digest"]
-    assert len(digests) == 2 and digests[0] == digests[1]
+    assert len(digests) == 2 and digests[0] == digests[1] and metrics["precision"] == "bf16"
     losses = [entry["loss"] for entry in metrics["history"]]
     assert losses[-1] < losses[0]
     student = RetrievalStudent.load(copy / "student" / "model")
