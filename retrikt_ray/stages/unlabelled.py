@@ -34,16 +34,15 @@ CONFIG_KEYS = ("task", "data.train_file", "data.dev_file", "data.shots", "data.s
 
 def draw_texts(spec: JobSpec, task: Task) -> tuple[list[Example], Counter, int]:
     """(drawn examples, Counter of skip reasons, texts eligible before the draw)."""
-    from ..tasks import load_few_shot
-
     train, dev_file = data_files(spec, task)
-    source = spec.unlabelled.file or train
-    _, labelled = load_few_shot(spec)
+    train_rows = task.load(train)  # read once: the few shots' pool and, by default, the texts
+    labelled = task.few_shot(train_rows, spec.data.shots, spec.data.seed)
+    texts = task.load(spec.unlabelled.file, labelled=False) if spec.unlabelled.file else train_rows
     dev = task.load(dev_file)  # all of it, whatever data.dev_limit scores
     labelled_keys, dev_keys = {_key(example) for example in labelled}, {_key(example) for example in dev}
     skipped: Counter = Counter()
     eligible, seen = [], set()
-    for example in task.load(source, labelled=False):
+    for example in texts:
         key = _key(example)
         if key in labelled_keys:
             skipped["labelled_example"] += 1
