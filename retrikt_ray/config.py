@@ -307,7 +307,11 @@ class ResourcesSpec(Section):
     generation_replicas: int = Field(2, ge=1, description="Most teacher replicas generating at once")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per training worker")
     cpus_per_replica: float = Field(0.5, gt=0, description="CPUs per generation replica (fractional on CPU nodes)")
-    use_gpu: bool = Field(False, description="One GPU per worker / replica")
+    use_gpu: bool = Field(False, description="GPUs for training workers (one each) and teacher replicas (gpus_per_replica each)")
+    gpus_per_replica: float = Field(
+        1.0, gt=0, le=1, description="With use_gpu: the share of one GPU a teacher replica takes; below 1, several replicas "
+        "of a small teacher generate side by side on one GPU (0.5: two per GPU)"
+    )
     placement: Literal["pack", "spread"] = Field(
         "pack",
         description="pack: training workers in a PACK placement group (one node while it fits) and an autoscaling "

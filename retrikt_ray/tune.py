@@ -169,11 +169,11 @@ def shared_stages(fields: list[str]) -> list[str]:
 def concurrent_trials(spec: JobSpec, cluster: dict[str, float]) -> int:
     """Trials the cluster holds at once: each is a driver (1 CPU) plus its largest stage's workers."""
     resources = spec.resources
-    widest = max(resources.num_workers, resources.generation_replicas)
     cpus = 1 + max(resources.num_workers * resources.cpus_per_worker, resources.generation_replicas * resources.cpus_per_replica)
     fits = math.floor(cluster.get("CPU", 0) / cpus)
     if resources.use_gpu:
-        fits = min(fits, math.floor(cluster.get("GPU", 0) / widest))
+        gpus = max(resources.num_workers, resources.generation_replicas * resources.gpus_per_replica)
+        fits = min(fits, math.floor(cluster.get("GPU", 0) / gpus))
     return max(1, fits)
 
 

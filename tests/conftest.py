@@ -18,14 +18,21 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, str]:
-    """A 2-layer Llama teacher (SmolLM2's tokenizer) and a 2-layer BERT student (MiniLM's tokenizer)."""
+def pytest_addoption(parser):
+    parser.addoption(
+        "--tiny-models",
+        metavar="DIR",
+        help="use the tiny models saved in DIR by build_tiny_models (for a machine without the packaged models)",
+    )
+
+
+def build_tiny_models(root: Path) -> dict[str, str]:
+    """A 2-layer Llama teacher (SmolLM2's tokenizer) and a 2-layer BERT student (MiniLM's tokenizer), saved under root."""
     from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     from retrikt_ray.models import student_path, teacher_path
 
-    root = tmp_path_factory.mktemp("tiny_models")
+    root = Path(root)
     torch.manual_seed(0)
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_path("smollm2-135m-instruct", Path("~/.cache/retrikt")))
     teacher = LlamaForCausalLM(
@@ -57,6 +64,15 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     student.save_pretrained(root / "student")
     student_tokenizer.save_pretrained(root / "student")
     return {"teacher": str(root / "teacher"), "student": str(root / "student")}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(request, tmp_path_factory) -> dict[str, str]:
+    saved = request.config.getoption("--tiny-models")
+    if saved:
+        saved = Path(saved).resolve()  # Ray workers run in folders of their own
+        return {"teacher": str(saved / "teacher"), "student": str(saved / "student")}
+    return build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
 
 
 @pytest.fixture(scope="session")

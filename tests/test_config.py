@@ -51,6 +51,7 @@ def test_demo_job_is_valid():
         ("prompt:\n  deepspeed:\n    config_file: /nowhere/ds.json\n", "prompt.deepspeed: config_file: file not found: /nowhere/ds.json"),
         ("deepspeed:\n  config_file: ds.json\n  zero_stage: 2\n", "deepspeed: config_file is used as is: leave out zero_stage"),
         ("name: 'bad name'\n", "name: String should match pattern"),
+        ("resources:\n  gpus_per_replica: 2\n", "resources.gpus_per_replica: Input should be less than or equal to 1"),
     ],
 )
 def test_errors_name_the_field(tmp_path, text, message):

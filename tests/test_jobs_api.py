@@ -254,9 +254,11 @@ def test_carried_spec_runs_on_the_cluster_and_writes_where_the_spec_says(tmp_pat
 def test_generation_ran_on_both_nodes(ray_cluster, submitted):
     _, _, nodes = ray_cluster
     run_dir = submitted[3]
-    by_node = read_manifest(run_dir / "generate")["metrics"]["samples_by_node"]
+    metrics = read_manifest(run_dir / "generate")["metrics"]
+    by_node = metrics["samples_by_node"]
     assert set(by_node) == set(nodes.values())
     assert all(count > 0 for count in by_node.values())
+    assert metrics["replicas"] == 2 and metrics["replica_devices"] == ["cpu"]
 
 
 def test_every_training_stage_ran_a_worker_on_each_node(ray_cluster, submitted):

@@ -68,6 +68,8 @@ def test_concurrency_follows_resources():
     assert concurrent_trials(spec, {"CPU": 2}) == 1 and concurrent_trials(spec, {"CPU": 8}) == 4
     spec.resources.use_gpu = True
     assert concurrent_trials(spec, {"CPU": 8, "GPU": 4}) == 2  # 2 GPUs per trial (the replicas)
+    spec.resources.gpus_per_replica = 0.5  # the two replicas share one GPU: the CPUs are the limit again
+    assert concurrent_trials(spec, {"CPU": 8, "GPU": 4}) == 4 and concurrent_trials(spec, {"CPU": 8, "GPU": 3}) == 3
 
 
 def test_sweep_reuses_upstream_and_writes_table_plot_and_best_job(sst2_run, tmp_path):

@@ -1,9 +1,10 @@
 """Stage 3: knowledge extraction. The teacher with the tuned prompt writes N_y samples per label.
 
 Ray Data maps (label, seed) rows over a pool of teacher replicas (autoscaling, or fixed and spread over
-the nodes with `resources.placement: spread`; fractional CPUs on CPU nodes, one GPU each on GPU nodes). Every finished row is written at once as its own Parquet shard,
-so an interrupted run resumes where it stopped; each sample keeps the Ray node id of the replica that
-wrote it (the manifest counts samples per node). Then: parse, exact and near-duplicate removal
+the nodes with `resources.placement: spread`; fractional CPUs on CPU nodes, `resources.gpus_per_replica` of a
+GPU each on GPU nodes). Every finished row is written at once as its own Parquet shard, so an interrupted run
+resumes where it stopped; each sample keeps the Ray node id, actor id and torch device of the replica that
+wrote it (the manifest counts samples per node and names the replicas and devices). Then: parse, exact and near-duplicate removal
 (student-embedding cosine within a label), and annotation with the calibrated teacher classifier
 p_C and the teacher's state h_T (`teacher.state`: by default read in the same forward, where the teacher
 reads off its answer) in a second Ray Data pass. Every dropped sample is
@@ -62,8 +63,9 @@ class Generator:
         import ray
 
         settings = self.spec.generate
-        node = ray.get_runtime_context().get_node_id()
-        out = {"shard": [], "label": [], "text": [], "tokens": [], "node": []}
+        context = ray.get_runtime_context()
+        node, replica, device = context.get_node_id(), context.get_actor_id(), str(self.teacher.device)
+        out = {"shard": [], "label": [], "text": [], "tokens": [], "node": [], "replica": [], "device": []}
         for shard, label, count, seed in zip(batch["shard"], batch["label"], batch["count"], batch["seed"]):
             for start in range(0, int(count), settings.batch_size):
                 n = min(settings.batch_size, int(count) - start)
@@ -73,6 +75,8 @@ class Generator:
                 out["text"] += samples.texts
                 out["tokens"] += samples.mask.sum(dim=1).tolist()
                 out["node"] += [node] * n
+                out["replica"] += [replica] * n
+                out["device"] += [device] * n
         return out
 
 
@@ -106,20 +110,21 @@ def _pool_options(spec: JobSpec) -> dict:
     options = {"num_cpus": resources.cpus_per_replica}
     if resources.placement == "spread":
         # A fixed pool: an autoscaling one may never start the replica that would go to a second node.
-        # SPREAD is Ray Data's default for actors today; named so the placement does not hang on that default.
         options["compute"] = ActorPoolStrategy(size=resources.generation_replicas)
-        options["scheduling_strategy"] = "SPREAD"
     else:
         options["compute"] = ActorPoolStrategy(min_size=1, max_size=resources.generation_replicas)
     if resources.use_gpu:
-        options["num_gpus"] = 1
+        options["num_gpus"] = resources.gpus_per_replica
     return options
 
 
 def _spread_work(dataset, spec: JobSpec):
-    """With spread placement, no row is handed out before every replica has started: else the first
-    replica up (on the driver's node) could take all the work of a small job."""
+    """With spread placement, replicas are scheduled SPREAD, and no row is handed out before every replica
+    has started: else the first replica up (on the driver's node) could take all the work of a small job."""
     if spec.resources.placement == "spread":
+        # SPREAD is Ray Data's default today; set so the placement does not hang on that default. Through the
+        # dataset's context, as Ray 2.64 drops map_batches' free-form remote arguments.
+        dataset.context.scheduling_strategy = "SPREAD"
         dataset.context.wait_for_min_actors_s = POOL_START_TIMEOUT_S
     return dataset
 
@@ -184,6 +189,9 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
             "generation_seconds": round(generation_seconds, 3),
             "generation_tokens_per_s": new_tokens / generation_seconds if new_tokens else 0.0,
             "samples_by_node": {node: int(count) for node, count in generated["node"].value_counts().sort_index().items()},
+            # Shards written before these columns existed count under no replica.
+            "replicas": int(generated["replica"].nunique()) if "replica" in generated else 0,
+            "replica_devices": sorted(generated["device"].dropna().unique().tolist()) if "device" in generated else [],
         },
         counts=counts,
         summary=f"{len(generated)} generated, {len(annotated)} kept ({', '.join(f'{k} {v}' for k, v in dropped.items())}); teacher disagrees on {disagreeing}",
