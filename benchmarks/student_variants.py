@@ -54,6 +54,7 @@ def main() -> None:
     from retrikt_ray.artifacts import read_manifest
     from retrikt_ray.config import SpecError, load_spec
     from retrikt_ray.pipeline import run
+    from retrikt_ray.stages.evaluate import teacher_agreement
 
     variants = yaml.safe_load(args.variants.read_text())
     base = load_spec(args.run / "job.yaml")
@@ -67,7 +68,7 @@ def main() -> None:
         metrics = read_manifest(run_dir / "evaluate")["metrics"]
         predictions = pd.read_parquet(run_dir / "evaluate" / "predictions.parquet")
         correct[name] = (predictions["gold"] == predictions["predicted"]).to_numpy()
-        teacher_agreement = float((np.stack(predictions["p_teacher"]).argmax(axis=1) == predictions["predicted"]).mean()) if "p_teacher" in predictions else None
+        agreement = teacher_agreement(predictions)
         last = read_manifest(run_dir / "student")["metrics"]["history"][-1]
         pool = read_manifest(run_dir / "generate")["counts"]
         annotated = pool["kept"] + pool.get("dropped_teacher_disagrees", 0)
@@ -80,7 +81,7 @@ def main() -> None:
                 "pool_teacher_agrees_with_intended_label": 1 - pool["teacher_disagrees"] / annotated,
                 "store_rows": metrics["store_rows"],
                 **{key: metrics[key] for key in ("accuracy_student_store", "accuracy_student_head", "accuracy_retrieval_only")},
-                "teacher_agreement": teacher_agreement,
+                "teacher_agreement": agreement,
                 "last_epoch": {key: last[key] for key in ("kd", "ce", "rank")},
                 "against_baseline": None if name == baseline else paired(correct[baseline], correct[name]),
             }

@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 from safetensors.torch import load_file
 
 from retrikt_ray import pipeline
@@ -400,7 +401,11 @@ def test_evaluate_stage_reports_metrics_in_range(sst2_run):
     assert metrics["dev_examples"] == 24
     assert metrics["params_teacher"] > metrics["params_student"] > 0
     assert metrics["ms_per_example_student_store"] > 0
-    assert len(pd.read_parquet(run_dir / "evaluate" / "predictions.parquet")) == 24
+    predictions = pd.read_parquet(run_dir / "evaluate" / "predictions.parquet")
+    assert len(predictions) == 24
+    same_answer = np.stack(predictions["p_teacher"]).argmax(axis=1) == np.stack(predictions["p"]).argmax(axis=1)
+    assert metrics["agreement_student_teacher"] == pytest.approx(same_answer.mean())
+    assert f"student agrees on {same_answer.mean():.1%}" in manifest(run_dir, "evaluate")["summary"]
 
 
 def test_choice_task_stages(ray_local, tiny_models, tmp_path):

@@ -1,5 +1,6 @@
 """Stage 6: dev-set accuracy (and macro-F1) of the student + store, of the student head alone, and of
-the teacher's calibrated zero-shot classifier; parameters and CPU latency per example of each.
+the teacher's calibrated zero-shot classifier; how often student + store answers what the teacher
+answers; parameters and CPU latency per example of each.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ def macro_f1(gold: np.ndarray, probs: np.ndarray, num_labels: int) -> float:
             continue
         scores.append(2 * true_positive / (precision_denominator + recall_denominator))
     return float(np.mean(scores)) if scores else 0.0
+
+
+def teacher_agreement(predictions) -> float | None:
+    """The share of dev rows on which student + store answers what the teacher's calibrated zero-shot
+    classifier answers (None when the predictions hold no teacher column)."""
+    if "p_teacher" not in predictions:
+        return None
+    return float((np.stack(predictions["p_teacher"]).argmax(axis=1) == predictions["predicted"]).mean())
 
 
 def ms_per_example(predict_one, examples, count: int) -> float:
@@ -98,8 +107,9 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
             "ms_per_example_teacher": ms_per_example(lambda e: teacher.classify_raw([e]), dev, settings.latency_examples),
         }
         frame["p_teacher"] = list(calibrated)
+        metrics["agreement_student_teacher"] = teacher_agreement(frame)
     frame.to_parquet(stage.dir / "predictions.parquet", index=False)
     summary = f"student+store {metrics['accuracy_student_store']:.3f}, head alone {metrics['accuracy_student_head']:.3f}"
     if "accuracy_teacher_zero_shot" in metrics:
-        summary += f", teacher zero-shot {metrics['accuracy_teacher_zero_shot']:.3f}"
+        summary += f", teacher zero-shot {metrics['accuracy_teacher_zero_shot']:.3f} (student agrees on {metrics['agreement_student_teacher']:.1%})"
     return StageResult(metrics=metrics, counts={"dev_examples": len(dev)}, summary=summary + f" on {len(dev)} dev examples")
