@@ -71,6 +71,15 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(staging, path)
 
 
+def write_parquet_atomic(frame, path: Path) -> None:
+    """Write a pandas frame so that a reader never finds a half-written file: an interrupted write
+    leaves only a hidden staging file beside it."""
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    frame.to_parquet(staging, index=False)
+    os.replace(staging, path)
+
+
 def read_manifest(stage_dir: Path) -> dict | None:
     path = Path(stage_dir) / MANIFEST
     if not path.is_file():

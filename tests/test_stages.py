@@ -259,6 +259,33 @@ def test_unlabelled_stage_labels_in_domain_texts_with_the_teachers_answer(sst2_r
     train = {json.dumps(example.fields) for example in task.load(task.default_files()[0])}
     held_out = {json.dumps(example.fields) for example in load_few_shot(spec)[1] + load_dev(spec)[1]}
     assert set(texts["fields"]) <= train and not set(texts["fields"]) & held_out
+    for stage in ("generate", "unlabelled"):  # the annotation shards go once the samples file holds them
+        assert manifest(run_dir, stage)["metrics"]["annotation_chunks_resumed"] == 0
+        assert not (run_dir / stage / "annotation_shards").exists()
+
+
+def test_annotation_resumes_from_the_chunks_it_saved(sst2_run, tmp_path, monkeypatch):
+    from retrikt_ray.stages import generate
+    from retrikt_ray.tasks import Task
+
+    spec, run_dir = sst2_run
+    monkeypatch.setattr(generate, "ANNOTATION_CHUNK", 2)
+    task, spec_json, shards = Task.from_spec(spec.task), spec.model_dump(mode="json"), tmp_path / "shards"
+    frame = generate.read_samples(run_dir / "generate")[["label", "text", "fields"]]
+    first, resumed = generate.annotate(spec, task, frame, spec_json, shards)
+    saved = sorted(shards.glob("*.parquet"))
+    assert resumed == 0 and len(saved) == -(-len(frame) // 2) > 1
+    saved[0].unlink()  # as if the stage was interrupted before its first chunk was saved
+    kept_times = {path.name: path.stat().st_mtime_ns for path in saved[1:]}
+    again, resumed = generate.annotate(spec, task, frame, spec_json, shards)
+    assert resumed == len(saved) - 1 and saved[0].exists()
+    assert {path.name: path.stat().st_mtime_ns for path in saved[1:]} == kept_times
+    assert again["fields"].tolist() == first["fields"].tolist()
+    for column in ("soft_label", "teacher_state"):
+        assert np.allclose(np.stack(again[column].to_numpy()), np.stack(first[column].to_numpy()), atol=1e-5)
+    changed = frame.copy()
+    changed.loc[len(frame) - 1, "fields"] = json.dumps({"sentence": "a different last sentence"})
+    assert generate.annotate(spec, task, changed, spec_json, shards)[1] == len(saved) - 1  # its last chunk is new
 
 
 def test_unlabelled_texts_skip_labelled_dev_repeated_and_short_ones_and_count_them(tiny_models, tmp_path):
@@ -420,7 +447,7 @@ def test_choice_task_stages(ray_local, tiny_models, tmp_path):
     frame = pd.DataFrame(
         {"label": [e.label for e in examples], "text": [task.generation_text(e) for e in examples], "fields": [json.dumps(e.fields) for e in examples]}
     )
-    annotated = generate.annotate(spec, task, frame, spec.model_dump(mode="json"))
+    annotated, _ = generate.annotate(spec, task, frame, spec.model_dump(mode="json"), tmp_path / "annotation_shards")
     assert np.allclose(np.stack(annotated["soft_label"].to_numpy()).sum(axis=1), 1, atol=1e-5)
     run_dir = tmp_path / "run"
     (run_dir / "generate").mkdir(parents=True)

@@ -7,20 +7,22 @@ resumes where it stopped; each sample keeps the Ray node id, actor id and torch 
 wrote it (the manifest counts samples per node and names the replicas and devices). Then: parse, exact and near-duplicate removal
 (student-embedding cosine within a label), and annotation with the calibrated teacher classifier
 p_C and the teacher's state h_T (`teacher.state`: by default read in the same forward, where the teacher
-reads off its answer) in a second Ray Data pass. Every dropped sample is
-counted with its reason in the manifest.
+reads off its answer) in a second Ray Data pass, which also resumes: each chunk of samples is saved as soon
+as it is annotated. Every dropped sample is counted with its reason in the manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import StageResult, StageRun
+from ..artifacts import StageResult, StageRun, write_parquet_atomic
 from ..config import JobSpec
 from ..tasks import Task
 
@@ -28,6 +30,9 @@ NAME = "generate"
 INPUTS = ("ppo",)
 CONFIG_KEYS = ("task", "teacher", "student.model", "student.max_length", "generate")
 SAMPLES = "samples.parquet"
+# Annotated chunks of ANNOTATION_CHUNK samples, kept until the stage's SAMPLES file is written.
+ANNOTATION_SHARDS = "annotation_shards"
+ANNOTATION_CHUNK = 64
 # How long a spread pool may take to start all its replicas before the stage fails.
 POOL_START_TIMEOUT_S = 600
 
@@ -158,20 +163,20 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         with tqdm(total=sum(row["count"] for row in todo), desc="generating", unit="sample") as bar:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
                 for shard, frame in batch.groupby("shard"):
-                    frame.to_parquet(shards_dir / f"{shard}.parquet", index=False)
+                    write_parquet_atomic(frame, shards_dir / f"{shard}.parquet")
                     new_tokens += int(frame["tokens"].sum())
                     bar.update(len(frame))
     generation_seconds = time.perf_counter() - started
     generated = pd.concat([pd.read_parquet(shards_dir / f"{row['shard']}.parquet") for row in rows], ignore_index=True)
 
     kept, dropped = filter_samples(spec, task, generated)
-    annotated = annotate(spec, task, kept, spec_json)
+    annotated, chunks_resumed = annotate(spec, task, kept, spec_json, stage.dir / ANNOTATION_SHARDS)
     annotated["teacher_agrees"] = [int(np.argmax(soft)) == label for soft, label in zip(annotated["soft_label"], annotated["label"])]
     disagreeing = int((~annotated["teacher_agrees"]).sum())
     if spec.generate.on_disagreement == "drop":
         annotated = annotated[annotated["teacher_agrees"]].reset_index(drop=True)
         dropped["teacher_disagrees"] = disagreeing
-    annotated.to_parquet(stage.dir / SAMPLES, index=False)
+    save_samples(stage.dir, annotated)
 
     counts = {
         "generated": len(generated),
@@ -188,6 +193,7 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
             # This run's generation pass alone (replica start-up included); a resumed run counts only its new shards.
             "generation_seconds": round(generation_seconds, 3),
             "generation_tokens_per_s": new_tokens / generation_seconds if new_tokens else 0.0,
+            "annotation_chunks_resumed": chunks_resumed,
             "samples_by_node": {node: int(count) for node, count in generated["node"].value_counts().sort_index().items()},
             # Shards written before these columns existed count under no replica.
             "replicas": int(generated["replica"].nunique()) if "replica" in generated else 0,
@@ -254,8 +260,12 @@ def near_duplicate_mask(spec: JobSpec, frame) -> np.ndarray:
     return keep
 
 
-def annotate(spec: JobSpec, task: Task, frame, spec_json: dict):
-    """Soft labels q_T (calibrated p_C) and h_T for every kept sample, through a Ray Data actor pool."""
+def annotate(spec: JobSpec, task: Task, frame, spec_json: dict, shards_dir: Path):
+    """Soft labels q_T (calibrated p_C) and h_T for every row of `frame`, through a Ray Data actor pool.
+
+    Each chunk of ANNOTATION_CHUNK rows is saved under `shards_dir` as soon as its rows are annotated, named
+    by its position and a digest of its inputs; a chunk already saved there is not annotated again, so an
+    interrupted stage resumes. Returns (annotated frame, chunks found already saved)."""
     import pandas as pd
     import ray
     from tqdm import tqdm
@@ -263,21 +273,31 @@ def annotate(spec: JobSpec, task: Task, frame, spec_json: dict):
     from ..teacher import calibrate
 
     if len(frame) == 0:
-        return frame.assign(soft_label=[], teacher_state=[])
-    chunks = [frame.iloc[start : start + 64] for start in range(0, len(frame), 64)]
-    dataset = ray.data.from_pandas(chunks).map_batches(
-        Annotator,
-        fn_constructor_kwargs={"spec_json": spec_json, "threads": _replica_threads(spec)},
-        batch_size=64,
-        **_pool_options(spec),
-    )
-    dataset = _spread_work(dataset, spec)
-    parts = []
-    with tqdm(total=len(frame), desc="annotating", unit="sample") as bar:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
-            parts.append(batch)
-            bar.update(len(batch))
-    annotated = pd.concat(parts, ignore_index=True)
+        return frame.assign(soft_label=[], teacher_state=[]), 0
+    shards_dir.mkdir(exist_ok=True)
+    chunks = {}
+    for start in range(0, len(frame), ANNOTATION_CHUNK):
+        chunk = frame.iloc[start : start + ANNOTATION_CHUNK]
+        digest = hashlib.sha256(json.dumps([chunk["fields"].tolist(), chunk["label"].tolist()]).encode()).hexdigest()[:12]
+        chunks[f"{start // ANNOTATION_CHUNK:06d}-{digest}"] = chunk
+    todo = {name: chunk for name, chunk in chunks.items() if not (shards_dir / f"{name}.parquet").exists()}
+    if todo:
+        dataset = ray.data.from_pandas([chunk.assign(chunk=name) for name, chunk in todo.items()]).map_batches(
+            Annotator,
+            fn_constructor_kwargs={"spec_json": spec_json, "threads": _replica_threads(spec)},
+            batch_size=ANNOTATION_CHUNK,
+            **_pool_options(spec),
+        )
+        dataset = _spread_work(dataset, spec)
+        arrived: dict[str, list] = {}
+        with tqdm(total=len(frame), initial=len(frame) - sum(len(chunk) for chunk in todo.values()), desc="annotating", unit="sample") as bar:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
+                for name, part in batch.groupby("chunk"):
+                    arrived.setdefault(name, []).append(part)
+                    if sum(len(piece) for piece in arrived[name]) == len(todo[name]):
+                        write_parquet_atomic(pd.concat(arrived.pop(name)).drop(columns="chunk"), shards_dir / f"{name}.parquet")
+                bar.update(len(batch))
+    annotated = pd.concat([pd.read_parquet(shards_dir / f"{name}.parquet") for name in chunks], ignore_index=True)
     raw = np.stack(annotated["raw_probs"].to_numpy())
     if spec.teacher.calibration == "content_free":
         from ..teacher import Teacher
@@ -286,7 +306,13 @@ def annotate(spec: JobSpec, task: Task, frame, spec_json: dict):
     else:
         reference = raw.mean(axis=0)
     annotated["soft_label"] = list(calibrate(raw, reference, spec.teacher.soft_label_temperature))
-    return annotated.drop(columns=["raw_probs"])
+    return annotated.drop(columns=["raw_probs"]), len(chunks) - len(todo)
+
+
+def save_samples(stage_dir: Path, samples) -> None:
+    """The stage's annotated samples; the annotation shards, all of them in it now, go."""
+    write_parquet_atomic(samples, stage_dir / SAMPLES)
+    shutil.rmtree(stage_dir / ANNOTATION_SHARDS, ignore_errors=True)
 
 
 def read_samples(stage_dir: Path):

@@ -11,8 +11,8 @@ usually has without labels, bring the student closer to the teacher on real inpu
 The texts come from `unlabelled.file` (default: the training file, its labels ignored). Texts equal to
 a labelled example or a dev example, repeats, and texts under `min_words` words are skipped and counted;
 then `samples` of the rest are drawn with `seed` and annotated like generated samples (calibrated p_C,
-the calibration reference being these texts themselves, and h_T) in a Ray Data pass. Each keeps the
-teacher's answer as its label.
+the calibration reference being these texts themselves, and h_T) in a Ray Data pass that resumes from the
+chunks it saved before an interruption. Each keeps the teacher's answer as its label.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 from ..artifacts import StageResult, StageRun
 from ..config import JobSpec
 from ..tasks import Example, Task, data_files
-from .generate import SAMPLES, annotate
+from .generate import ANNOTATION_SHARDS, annotate, save_samples
 
 NAME = "unlabelled"
 INPUTS = ()
@@ -69,16 +69,16 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
     task = Task.from_spec(spec.task)
     columns = ["label", "text", "fields"]
     if spec.unlabelled.samples == 0:
-        pd.DataFrame(columns=[*columns, "teacher_state", "soft_label"]).to_parquet(stage.dir / SAMPLES, index=False)
+        save_samples(stage.dir, pd.DataFrame(columns=[*columns, "teacher_state", "soft_label"]))
         return StageResult(metrics={}, counts={"annotated": 0}, summary="off (unlabelled.samples: 0)")
     drawn, skipped, eligible = draw_texts(spec, task)
     frame = pd.DataFrame(
         {"label": [-1] * len(drawn), "text": [task.example_text(example) for example in drawn], "fields": [json.dumps(example.fields) for example in drawn]},
         columns=columns,
     )
-    annotated = annotate(spec, task, frame, spec.model_dump(mode="json"))
+    annotated, chunks_resumed = annotate(spec, task, frame, spec.model_dump(mode="json"), stage.dir / ANNOTATION_SHARDS)
     annotated["label"] = [int(np.argmax(soft)) for soft in annotated["soft_label"]]
-    annotated.to_parquet(stage.dir / SAMPLES, index=False)
+    save_samples(stage.dir, annotated)
     short = f"; {spec.unlabelled.samples} asked, only {eligible} eligible" if eligible < spec.unlabelled.samples else ""
     counts = {
         "eligible": eligible,
@@ -87,4 +87,8 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         **{f"teacher_label_{task.label_names[label]}": int((annotated["label"] == label).sum()) for label in range(task.num_labels)},
     }
     reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
-    return StageResult(metrics={}, counts=counts, summary=f"{len(annotated)} texts labelled by the teacher (skipped: {reasons or 'none'}){short}")
+    return StageResult(
+        metrics={"annotation_chunks_resumed": chunks_resumed},
+        counts=counts,
+        summary=f"{len(annotated)} texts labelled by the teacher (skipped: {reasons or 'none'}){short}",
+    )
