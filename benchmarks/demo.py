@@ -56,6 +56,7 @@ def main() -> None:
             "retrieval_alone": evaluation["accuracy_retrieval_only"],
             "teacher_zero_shot_calibrated": evaluation.get("accuracy_teacher_zero_shot"),
         },
+        "student_store_agrees_with_teacher": evaluation.get("agreement_student_teacher"),
         "samples": {"generated": generation["generated"], "kept": generation["kept"], "counts": generation},
         "ppo": {
             key: {"before": ppo["before"][key], "after": ppo["after"][key]}
@@ -90,11 +91,16 @@ def markdown(results: dict) -> str:
         f"| retrieval alone | {accuracy['retrieval_alone']:.3f} | | |",
         "",
         f"Samples: {results['samples']['generated']} generated, {results['samples']['kept']} kept.",
+        *(
+            [f"Student + store answers what the teacher answers on {results['student_store_agrees_with_teacher']:.1%} of the dev examples."]
+            if results.get("student_store_agrees_with_teacher") is not None
+            else []
+        ),
         "",
         "| stage | seconds |",
         "|---|---|",
         *[f"| {name} | {seconds:.0f} |" for name, seconds in results["seconds_per_stage"].items()],
-        f"| whole `retrikt run` (wall, Ray start-up included) | {results['wall_seconds'] or float('nan'):.0f} |",
+        f"| whole `retrikt run` (wall, Ray start-up included) | {'not measured (--reuse)' if results['wall_seconds'] is None else round(results['wall_seconds'])} |",
         "",
         f"Machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}.",
         "",
