@@ -13,6 +13,7 @@ URI are fetched instead of redone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,13 +22,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
 from .config import JobSpec, SpecError, content_hash, dump_spec
 
 MANIFEST = "manifest.json"
+STAGING_PREFIX = ".staging-"
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -63,21 +65,30 @@ def run_dir_for(spec: JobSpec) -> Path:
     return staging_dir(location, spec.storage.cache_dir) if is_uri(location) else Path(location)
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
+@contextlib.contextmanager
+def staged(path: Path) -> Iterator[Path]:
+    """A staging file beside `path` that replaces it once the block succeeds, so a reader never finds a
+    half-written file. A failing block removes its staging file; one left by a killed process is removed
+    when its stage finishes (StageRun.finish)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as out:
-        json.dump(payload, out, indent=2, sort_keys=True, default=str)
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f"{STAGING_PREFIX}{path.name}.")
+    os.close(handle)
+    try:
+        yield Path(staging)
+    except BaseException:
+        os.unlink(staging)
+        raise
     os.replace(staging, path)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    with staged(path) as staging:
+        staging.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
 def write_parquet_atomic(frame, path: Path) -> None:
-    """Write a pandas frame so that a reader never finds a half-written file: an interrupted write
-    leaves only a hidden staging file beside it."""
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    frame.to_parquet(staging, index=False)
-    os.replace(staging, path)
+    with staged(path) as staging:
+        frame.to_parquet(staging, index=False)
 
 
 def read_manifest(stage_dir: Path) -> dict | None:
@@ -136,6 +147,8 @@ class StageRun:
         (self.dir / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
 
     def finish(self, result: StageResult, seconds: float, reused_from: Path | None = None) -> dict:
+        for leftover in self.dir.rglob(f"{STAGING_PREFIX}*"):
+            leftover.unlink()
         manifest = {
             "stage": self.name,
             "status": "done",

@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from retrikt_ray import pipeline
-from retrikt_ray.artifacts import run_dir_for
+from retrikt_ray.artifacts import STAGING_PREFIX, run_dir_for, staged, write_parquet_atomic
 from retrikt_ray.config import JobSpec
 from retrikt_ray.knowledge_store import KnowledgeStore
 from retrikt_ray.retrieval_student import RetrievalStudent, encoder_fingerprint
@@ -485,11 +485,25 @@ def test_generation_resumes_from_finished_shards(sst2_run):
     kept_times = {path.name: path.stat().st_mtime_ns for path in shards[1:]}
     (run_dir / "generate" / "manifest.json").unlink()  # as if the stage was interrupted
     shards[0].unlink()
+    killed_write = shards[0].parent / f"{STAGING_PREFIX}{shards[0].name}.x1y2"  # what a kill mid-write leaves
+    killed_write.write_bytes(b"half a parquet file")
     _, lines = run_logged(spec, only="generate")
     assert lines[0].startswith("[generate]") and "skipped" not in lines[0]
-    assert shards[0].exists()
+    assert shards[0].exists() and not killed_write.exists()
+    assert not any(STAGING_PREFIX in name for name in manifest(run_dir, "generate")["files"])
     assert {path.name: path.stat().st_mtime_ns for path in shards[1:]} == kept_times
     assert manifest(run_dir, "generate")["counts"]["generated"] == 2 * spec.generate.samples_per_label
+
+
+def test_a_write_that_fails_leaves_neither_the_file_nor_its_staging_copy(tmp_path):
+    target = tmp_path / "samples.parquet"
+    with pytest.raises(ValueError):
+        with staged(target) as staging:
+            staging.write_bytes(b"half a parquet file")
+            raise ValueError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    write_parquet_atomic(pd.DataFrame({"text": ["kept"]}), target)
+    assert pd.read_parquet(target)["text"].tolist() == ["kept"] and list(tmp_path.iterdir()) == [target]
 
 
 def test_force_redoes_a_finished_stage(sst2_run):
