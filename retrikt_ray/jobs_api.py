@@ -102,9 +102,18 @@ def carried_spec(spec: JobSpec) -> JobSpec:
     return carried
 
 
+def git_excludes(root: Path) -> list[str]:
+    """The checkout's own ignore patterns in `.git/info/exclude`, which Ray's upload (it reads .gitignore files) does not see."""
+    exclude_file = Path(root) / ".git" / "info" / "exclude"
+    if not exclude_file.is_file():
+        return []
+    lines = (line.strip() for line in exclude_file.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def runtime_env(spec: JobSpec, root: Path) -> dict:
-    """The checkout as working directory, without what never belongs in an upload, and the job spec."""
-    excludes = list(EXCLUDES)
+    """The checkout as working directory, without what never belongs in an upload or git ignores, and the job spec."""
+    excludes = EXCLUDES + git_excludes(root)
     runs_dir = Path(spec.storage.runs_dir).expanduser()
     if not is_uri(spec.storage.runs_dir) and runs_dir.is_relative_to(root):
         excludes.append("/" + runs_dir.relative_to(root).as_posix())

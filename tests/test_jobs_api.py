@@ -238,6 +238,21 @@ def test_upload_is_the_checkout_without_runs_venv_git_or_caches(tmp_path):
     assert not [name for name in names if name.split("/")[0] in (".git", ".venv", "runs", ".pytest_cache") or "__pycache__" in name]
 
 
+def test_upload_leaves_out_what_the_checkouts_git_exclude_file_ignores(tmp_path):
+    checkout = tmp_path / "checkout"
+    (checkout / ".git" / "info").mkdir(parents=True)
+    (checkout / ".git" / "info" / "exclude").write_text("# git's comment lines\n\n/wheels/\n*.gguf\n")
+    (checkout / "wheels").mkdir()
+    (checkout / "wheels" / "ray.whl").write_bytes(b"a wheel")
+    (checkout / "teacher.gguf").write_bytes(b"weights")
+    (checkout / "cli.py").write_text("kept")
+    environment = jobs_api.runtime_env(jobs_api.carried_spec(tiny_spec(NO_MODELS, "runs")), checkout)
+    assert environment["excludes"] == jobs_api.EXCLUDES + ["/wheels/", "*.gguf"]
+    package = tmp_path / "package.zip"
+    create_package(environment["working_dir"], package, include_gitignore=True, excludes=environment["excludes"])
+    assert zipfile.ZipFile(package).namelist() == ["cli.py"]
+
+
 def test_carried_spec_runs_on_the_cluster_and_writes_where_the_spec_says(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = tiny_spec(NO_MODELS, "runs")
@@ -248,7 +263,7 @@ def test_carried_spec_runs_on_the_cluster_and_writes_where_the_spec_says(tmp_pat
     assert jobs_api.carried_spec(tiny_spec(NO_MODELS, "~/runs")).storage.runs_dir == "~/runs"  # the cluster's home
     in_bucket = jobs_api.carried_spec(tiny_spec(NO_MODELS, "s3://bucket/runs"))
     assert in_bucket.storage.runs_dir == "s3://bucket/runs"
-    assert jobs_api.runtime_env(in_bucket, REPO)["excludes"] == jobs_api.EXCLUDES
+    assert jobs_api.runtime_env(in_bucket, tmp_path)["excludes"] == jobs_api.EXCLUDES
 
 
 def test_generation_ran_on_both_nodes(ray_cluster, submitted):
