@@ -396,8 +396,8 @@ def tuned_prompt_accuracy(spec: JobSpec, task, dev, gold: np.ndarray, run_dir: P
     from retrikt_ray.teacher import Teacher, calibrate
 
     soft_prompt = load_file(str(run_dir / "prompt" / "soft_prompt.safetensors"))["soft_prompt"]
-    teacher = Teacher.from_spec(spec, task, soft_prompt)
-    raw = tuned_prompt_teacher(teacher, dev, settings.teacher_batch_size)
+    teacher = Teacher.from_spec(spec, task)
+    raw = tuned_prompt_teacher(teacher, soft_prompt, dev, settings.teacher_batch_size)
     return accuracy(gold, calibrate(raw, raw.mean(axis=0)))
 
 

@@ -140,7 +140,7 @@ def setfit_student(
 
 
 @torch.no_grad()
-def tuned_prompt_teacher(teacher, examples: list[Example], batch_size: int = 16) -> np.ndarray:
+def tuned_prompt_teacher(teacher, soft_prompt: torch.Tensor, examples: list[Example], batch_size: int = 16) -> np.ndarray:
     """Raw p(y | x) of the teacher with its soft prompt: softmax over labels of log p(text of x | [P] prompt of y).
 
     The text is the one stage 1 trained the prompt to write (`task.generation_text`), so the classifier
@@ -159,7 +159,7 @@ def tuned_prompt_teacher(teacher, examples: list[Example], batch_size: int = 16)
         ids = ids.to(teacher.device)
         for label in range(task.num_labels):
             # Right padding: a causal model's scores of the real tokens do not see the pads after them.
-            logprobs, _ = teacher.continuation_outputs(label, ids, teacher.soft_prompt)
+            logprobs, _ = teacher.continuation_outputs(label, ids, soft_prompt)
             scores[start : start + len(chunk), label] = (logprobs.cpu().double() * mask.double()).sum(dim=1).numpy()
     scores = np.exp(scores - scores.max(axis=1, keepdims=True))
     return (scores / scores.sum(axis=1, keepdims=True)).astype(np.float32)

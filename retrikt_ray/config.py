@@ -73,7 +73,11 @@ class TeacherSpec(Section):
     """The teacher LM and its verbaliser classifier p_C."""
 
     model: str = Field("smollm2-135m-instruct", description="Packaged name, local folder or hub id of a causal LM")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Teacher weights' dtype")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Teacher precision. auto: per use (decoding, reading, scoring), what measured fastest on the "
+        "hardware it runs on (engine.AUTO_PRECISION; float32 on CPUs without bf16 units); a dtype: that dtype everywhere",
+    )
     trust_remote_code: bool = Field(False, description="Allow the model repository's own code to run")
     chat_template: bool = Field(
         True, description="Ask classification questions through the teacher's chat template, when it has one"

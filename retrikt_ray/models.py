@@ -89,15 +89,16 @@ def check_model_name(name: str) -> None:
         raise ModelNotFound(f"unknown model '{name}': not packaged ({known}), not a folder, not a hub id (org/name)")
 
 
-def load_teacher(name: str, cache_dir: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False):
-    """(model, tokenizer) for a causal LM teacher, frozen and in eval mode."""
+def load_teacher(name: str, cache_dir: str | os.PathLike, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False):
+    """(model, tokenizer) for a causal LM teacher, frozen and in eval mode; `dtype` as loaded (a name or a
+    torch dtype; `teacher.dtype: auto` is resolved by the caller, engine.load_dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = teacher_path(name, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+            path, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype, trust_remote_code=trust_remote_code
         )
     except OSError as error:
         raise ModelNotFound(f"teacher '{name}' could not be loaded: {error}") from error

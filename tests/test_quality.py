@@ -112,14 +112,15 @@ def test_tuned_prompt_teacher_scores_each_text_under_each_label_prompt(tiny_mode
     spec = _spec(tiny_models)
     task, few_shot = load_few_shot(spec)
     torch.manual_seed(0)
-    teacher = Teacher.from_spec(spec, task, soft_prompt=0.1 * torch.randn(4, 32))
+    teacher = Teacher.from_spec(spec, task)
+    soft_prompt = 0.1 * torch.randn(4, 32)
     examples = few_shot[:5]
-    batched = baselines.tuned_prompt_teacher(teacher, examples, batch_size=3)  # padded batches
+    batched = baselines.tuned_prompt_teacher(teacher, soft_prompt, examples, batch_size=3)  # padded batches
     assert batched.shape == (5, 2)
     for row, example in enumerate(examples):
         ids = torch.tensor([teacher.tokenizer(task.generation_text(example) + "\n", add_special_tokens=False).input_ids])
         with torch.no_grad():
-            scores = np.array([teacher.continuation_outputs(label, ids, teacher.soft_prompt)[0].sum().item() for label in range(2)])
+            scores = np.array([teacher.continuation_outputs(label, ids, soft_prompt)[0].sum().item() for label in range(2)])
         expected = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
         np.testing.assert_allclose(batched[row], expected, rtol=1e-3, atol=1e-5)
 

@@ -572,6 +572,7 @@ def test_the_teachers_answer_state_is_read_in_the_classifying_pass(tiny_models, 
 
     for task_name in ("sst2", "copa"):
         spec = tiny_spec(tiny_models, tmp_path, task=task_name)
+        spec.teacher.dtype = "float32"  # equal to Hugging Face's float32 forward within float32 rounding
         task, examples = load_few_shot(spec)
         teacher = Teacher.from_spec(spec, task)
         probs, states = teacher.read(examples, batch_size=3, state_layer=-2)
@@ -585,3 +586,14 @@ def test_the_teachers_answer_state_is_read_in_the_classifying_pass(tiny_models, 
             with torch.no_grad():
                 alone = teacher.model(input_ids=ids, output_hidden_states=True).hidden_states[-2][0, -1]
             np.testing.assert_allclose(states[row], alone.numpy(), atol=1e-4)
+
+
+def test_manifests_name_the_teachers_precision_per_use(sst2_run):
+    """teacher.dtype auto resolves where the teacher runs; generate, PPO and evaluate record what it became."""
+    from retrikt_ray.engine import resolve_precision
+
+    spec, run_dir = sst2_run
+    expected = resolve_precision(spec.teacher.dtype, "cpu").names()
+    assert manifest(run_dir, "generate")["metrics"]["teacher_precision"] == [" ".join(f"{use}={dtype}" for use, dtype in expected.items())]
+    assert manifest(run_dir, "ppo")["metrics"]["teacher_precision"] == expected
+    assert manifest(run_dir, "evaluate")["metrics"]["teacher_precision"] == expected

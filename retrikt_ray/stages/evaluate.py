@@ -104,6 +104,7 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
             "accuracy_teacher_uncalibrated": accuracy(gold, raw),
             "macro_f1_teacher_zero_shot": macro_f1(gold, calibrated, task.num_labels),
             "params_teacher": sum(p.numel() for p in teacher.model.parameters()),
+            "teacher_precision": teacher.engine.precision.names(),
             "ms_per_example_teacher": ms_per_example(lambda e: teacher.classify_raw([e]), dev, settings.latency_examples),
         }
         frame["p_teacher"] = list(calibrated)

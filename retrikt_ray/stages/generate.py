@@ -62,7 +62,8 @@ class Generator:
         self.spec = JobSpec.model_validate(spec_json)
         if threads:
             torch.set_num_threads(threads)
-        self.teacher = Teacher.from_spec(self.spec, Task.from_spec(self.spec.task), soft_prompt)
+        self.teacher = Teacher.from_spec(self.spec, Task.from_spec(self.spec.task))
+        self.soft_prompt = torch.tensor(soft_prompt, device=self.teacher.device)
 
     def __call__(self, batch: dict) -> dict:
         import ray
@@ -70,18 +71,22 @@ class Generator:
         settings = self.spec.generate
         context = ray.get_runtime_context()
         node, replica, device = context.get_node_id(), context.get_actor_id(), str(self.teacher.device)
-        out = {"shard": [], "label": [], "text": [], "tokens": [], "node": [], "replica": [], "device": []}
+        precision = " ".join(f"{use}={dtype}" for use, dtype in self.teacher.engine.precision.names().items())
+        out = {"shard": [], "label": [], "text": [], "tokens": [], "node": [], "replica": [], "device": [], "precision": []}
         for shard, label, count, seed in zip(batch["shard"], batch["label"], batch["count"], batch["seed"]):
-            for start in range(0, int(count), settings.batch_size):
-                n = min(settings.batch_size, int(count) - start)
-                samples = self.teacher.sample(int(label), n, settings.max_new_tokens, settings.top_p, settings.temperature, int(seed) * 1000 + start)
-                out["shard"] += [shard] * n
-                out["label"] += [int(label)] * n
-                out["text"] += samples.texts
-                out["tokens"] += samples.mask.sum(dim=1).tolist()
-                out["node"] += [node] * n
-                out["replica"] += [replica] * n
-                out["device"] += [device] * n
+            n = int(count)
+            # One call per row: each sample has its own seed, so the batch size changes speed, not samples.
+            samples = self.teacher.sample(
+                int(label), n, settings.max_new_tokens, settings.top_p, settings.temperature, int(seed), self.soft_prompt, settings.batch_size
+            )
+            out["shard"] += [shard] * n
+            out["label"] += [int(label)] * n
+            out["text"] += samples.texts
+            out["tokens"] += samples.mask.sum(dim=1).tolist()
+            out["node"] += [node] * n
+            out["replica"] += [replica] * n
+            out["device"] += [device] * n
+            out["precision"] += [precision] * n
         return out
 
 
@@ -198,6 +203,8 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
             # Shards written before these columns existed count under no replica.
             "replicas": int(generated["replica"].nunique()) if "replica" in generated else 0,
             "replica_devices": sorted(generated["device"].dropna().unique().tolist()) if "device" in generated else [],
+            # The teacher's dtype per use in the replicas (teacher.dtype: auto resolves on their hardware).
+            "teacher_precision": sorted(generated["precision"].dropna().unique().tolist()) if "precision" in generated else [],
         },
         counts=counts,
         summary=f"{len(generated)} generated, {len(annotated)} kept ({', '.join(f'{k} {v}' for k, v in dropped.items())}); teacher disagrees on {disagreeing}",

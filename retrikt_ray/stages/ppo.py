@@ -204,10 +204,12 @@ def measure_prompt(teacher, rewards: RewardModel, prompt: torch.Tensor) -> dict[
     from ..rl import max_cosine_to_others
 
     settings = rewards.spec.ppo
-    teacher.soft_prompt = prompt.detach().clone()
+    prompt = prompt.detach().clone()
     scores, texts = [], []
     for label in range(rewards.task.num_labels):
-        samples = teacher.sample(label, settings.eval_samples_per_label, settings.max_new_tokens, settings.top_p, settings.temperature, EVAL_SEED + label)
+        samples = teacher.sample(
+            label, settings.eval_samples_per_label, settings.max_new_tokens, settings.top_p, settings.temperature, EVAL_SEED + label, prompt
+        )
         scores.append(rewards.score(label, samples.texts, remember=False))
         texts.extend(samples.texts)
     max_cos = np.concatenate([max_cosine_to_others(torch.from_numpy(score["embeddings"])).numpy() for score in scores])
@@ -269,11 +271,11 @@ def train_loop(config: dict) -> None:
 
     def collect(update: int):
         with optimiser.gathered():
-            teacher.soft_prompt = policy.soft_prompt.detach().clone()
+            prompt = policy.soft_prompt.detach().clone()
         groups, scores, texts = [], [], []
         for label in range(task.num_labels):
             seed = 1_000_003 * (update + 1) + 101 * label + rank
-            samples = teacher.sample(label, per_label, settings.max_new_tokens, settings.top_p, settings.temperature, seed)
+            samples = teacher.sample(label, per_label, settings.max_new_tokens, settings.top_p, settings.temperature, seed, prompt)
             groups.append(samples)
             scores.append(rewards.score(label, samples.texts))
             texts.extend(samples.texts)
@@ -351,6 +353,7 @@ def train_loop(config: dict) -> None:
             "updates": settings.updates,
             "resumed_from_update": checkpoints.resumed_from,
             "kept_stage1_prompt": keep_stage1,
+            "teacher_precision": teacher.engine.precision.names(),
             **labelled,
         },
         write,

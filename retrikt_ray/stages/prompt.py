@@ -65,6 +65,7 @@ def train_loop(config: dict) -> None:
     from safetensors.torch import save_file
     from tqdm import tqdm
 
+    from ..engine import load_dtype
     from ..models import load_teacher, teacher_path
     from ..training import Checkpoints, Optimiser, report_outputs, set_threads, shard, worker_context, worker_spec
 
@@ -74,7 +75,8 @@ def train_loop(config: dict) -> None:
     settings = spec.prompt
     torch.manual_seed(spec.data.seed)
     task, few_shot = load_few_shot(spec)
-    model, tokenizer = load_teacher(spec.teacher.model, spec.storage.cache_dir, spec.teacher.dtype, spec.teacher.trust_remote_code)
+    dtype = load_dtype(spec.teacher.dtype, device, training=spec.deepspeed_for(NAME).precision)
+    model, tokenizer = load_teacher(spec.teacher.model, spec.storage.cache_dir, dtype, spec.teacher.trust_remote_code)
     peft_config = PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM,
         num_virtual_tokens=settings.num_virtual_tokens,
