@@ -364,12 +364,13 @@ def reading(log) -> dict:
 
 
 def ppo_precision(log, runs_dir: Path) -> dict:
-    """The demo's prompt and PPO stages with the teacher in float32 and in bfloat16 (its PPO backward pass)."""
+    """The demo's prompt and PPO stages with the teacher's scores (PPO's log-probs and backward pass) in
+    float32 (`auto` on CPUs) and in bfloat16 (`bfloat16`); decoding and reading run in bfloat16 in both."""
     from retrikt_ray import pipeline
     from retrikt_ray.artifacts import read_manifest
 
     out = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("auto", "bfloat16"):
         spec = demo_spec(dtype)
         spec.storage.runs_dir = str(runs_dir)
         run_dir = None
@@ -521,12 +522,12 @@ def markdown(results: dict) -> str:
     if "ppo" in results:
         lines += [
             "",
-            "## PPO's backward pass through the teacher: the demo's PPO stage in float32 and bfloat16",
+            "## PPO's backward pass through the teacher: the demo's PPO stage, scores in float32 and in bfloat16",
             "",
-            "| teacher dtype | seconds | reward per update | policy loss per update | value loss per update |",
-            "|---|---|---|---|---|",
+            "| teacher.dtype (precision per use) | seconds | reward per update | policy loss per update | value loss per update | KL per update |",
+            "|---|---|---|---|---|---|",
             *[
-                f"| {dtype} | {row['seconds']:.0f} | {fmt(row['reward'])} | {fmt(row['policy_loss'])} | {fmt(row['value_loss'])} |"
+                f"| {dtype} ({precision_cell(row['precision'])}) | {row['seconds']:.0f} | {fmt(row['reward'])} | {fmt(row['policy_loss'])} | {fmt(row['value_loss'])} | {fmt(row['kl'])} |"
                 for dtype, row in results["ppo"].items()
             ],
         ]
@@ -539,12 +540,20 @@ def markdown(results: dict) -> str:
             f"| | {' | '.join(stages)} | wall (Ray start-up included) | generation tokens/s | student+store | teacher zero-shot |",
             f"|---|{'---|' * len(stages)}---|---|---|---|",
             *[
-                f"| {name} ({row['ref']}) | {' | '.join(f'{row['seconds_per_stage'].get(s, 0):.0f}' for s in stages)} | {row['wall_s']:.0f} |"
+                f"| {name} ({row['ref']}) | {stage_cells(row, stages)} | {row['wall_s']:.0f} |"
                 f" {row['generation_tokens_per_s']:.0f} | {row['accuracy_student_store']:.3f} | {row['accuracy_teacher_zero_shot']:.3f} |"
                 for name, row in results["demo"].items()
             ],
         ]
     return "\n".join(lines) + "\n"
+
+
+def precision_cell(precision: dict | None) -> str:
+    return ", ".join(f"{use} {dtype}" for use, dtype in (precision or {}).items())
+
+
+def stage_cells(row: dict, stages: list[str]) -> str:
+    return " | ".join(f"{row['seconds_per_stage'].get(stage, 0):.0f}" for stage in stages)
 
 
 def fmt(values: list[float]) -> str:

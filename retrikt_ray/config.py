@@ -213,8 +213,12 @@ class GenerateSpec(Section):
     """Stage 3: sharded generation, dedup and teacher annotation with Ray Data."""
 
     samples_per_label: int = Field(500, ge=1, description="N_y, samples drawn per label before filtering")
-    batch_size: int = Field(16, ge=1, description="Sequences generated together by one replica")
-    rows_per_task: int = Field(64, ge=1, description="Samples per Ray Data row (one row = one label and seed)")
+    batch_size: int = Field(
+        128, ge=1, description="Rows a replica decodes at once (its slots); each sample has its own seed, so this changes speed, not samples"
+    )
+    rows_per_task: int = Field(
+        256, ge=1, description="Samples per Ray Data row (one row = one label and seed; the unit a stopped run resumes from)"
+    )
     max_new_tokens: int = Field(48, ge=4)
     top_p: float = Field(0.95, gt=0, le=1)
     temperature: float = Field(1.0, gt=0)
