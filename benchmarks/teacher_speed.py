@@ -15,8 +15,8 @@ In one run, one after the other, on the packaged SmolLM2-135M teacher with the d
 3. classification (the 872 SST-2 dev sentences) and annotation (1,024 SST-2 training texts, p_C and the
    answer state): previous path (left-padded HF forwards of 32, float32) and engine per dtype; calibrated
    zero-shot accuracy and soft labels of each against float32;
-4. PPO's backward pass through the teacher in float32 and bfloat16: the demo's prompt and PPO stages, loss and
-   reward per update, seconds;
+4. prompt tuning and PPO through the teacher in float32 and as `auto` resolves it (bf16 here): the demo's prompt
+   and PPO stages, loss per epoch, reward and losses per update, seconds;
 5. the demo's whole `retrikt run` before (a worktree at --before-ref) and after (this checkout), per stage.
 Writes benchmarks/results/teacher_speed.{json,md}.
 """
@@ -153,7 +153,7 @@ def measure_decode(dtype: str, batch: int, prepare=False, prepared=None) -> dict
         teacher.engine.generate(prompt, row_seeds(0, 4), SamplingParams(4, (-1,), 0.95), 0, 4)
         return teacher, prompt, spec
     teacher, prompt, spec = prepared
-    params = SamplingParams(spec.ppo.max_new_tokens, (-1,), spec.generate.top_p, spec.generate.temperature)
+    params = SamplingParams(spec.ppo.max_new_tokens, (-1,), spec.generate.top_p, spec.generate.temperature, top_k=spec.generate.top_k)
     generation = teacher.engine.generate(prompt, row_seeds(1, batch), params, teacher.tokenizer.pad_token_id, batch)
     return {"tokens": int(generation.lengths.sum()), "samples": batch}
 
@@ -181,7 +181,7 @@ def generate_with(path, teacher, spec, soft_prompt, n, batch_size, seed, label=1
 
     settings = spec.generate
     if path == "engine":
-        samples = teacher.sample(label, n, settings.max_new_tokens, settings.top_p, settings.temperature, seed, soft_prompt, batch_size)
+        samples = teacher.sample(label, n, settings.max_new_tokens, settings.top_p, settings.temperature, seed, soft_prompt, batch_size, top_k=settings.top_k)
         return int(samples.mask.sum()), samples.texts
     # The previous path: Hugging Face `generate` on inputs_embeds, one batch at a time, as the teacher ran it.
     tokens, texts = 0, []
@@ -196,6 +196,7 @@ def generate_with(path, teacher, spec, soft_prompt, n, batch_size, seed, label=1
                 attention_mask=torch.ones(batch.shape[:2], dtype=torch.long),
                 do_sample=True,
                 top_p=settings.top_p,
+                top_k=settings.top_k,
                 temperature=settings.temperature,
                 max_new_tokens=settings.max_new_tokens,
                 eos_token_id=teacher.stop_ids,
@@ -364,21 +365,24 @@ def reading(log) -> dict:
 
 
 def ppo_precision(log, runs_dir: Path) -> dict:
-    """The demo's prompt and PPO stages with the teacher's scores (PPO's log-probs and backward pass) in
-    float32 (`auto` on CPUs) and in bfloat16 (`bfloat16`); decoding and reading run in bfloat16 in both."""
+    """The demo's prompt and PPO stages with the teacher in float32 throughout (`float32`) and as `auto`
+    resolves it here (bfloat16 on CPUs with bf16 units: decoding, reading, PPO's log-probs and backward
+    pass, and prompt tuning's frozen weights)."""
     from retrikt_ray import pipeline
     from retrikt_ray.artifacts import read_manifest
 
     out = {}
-    for dtype in ("auto", "bfloat16"):
+    for dtype in ("float32", "auto"):
         spec = demo_spec(dtype)
         spec.storage.runs_dir = str(runs_dir)
         run_dir = None
         for stage in ("prompt", "ppo"):
             run_dir = pipeline.run(spec, only=stage, force=True, log=log)
-        manifest = read_manifest(run_dir / "ppo")
+        manifest, prompt = read_manifest(run_dir / "ppo"), read_manifest(run_dir / "prompt")
         history = manifest["metrics"]["history"]
         out[dtype] = {
+            "prompt_seconds": prompt["seconds"],
+            "prompt_loss_per_epoch": prompt["metrics"]["loss_per_epoch"],
             "seconds": manifest["seconds"],
             "precision": manifest["metrics"].get("teacher_precision"),
             **{key: [entry[key] for entry in history] for key in ("reward", "policy_loss", "value_loss", "consistency_rate", "kl")},
@@ -395,34 +399,41 @@ def demo(log, before_ref: str | None, runs_dir: Path) -> dict:
         worktree = Path(tempfile.mkdtemp(prefix="retrikt-before-"))
         subprocess.run(["git", "worktree", "add", "--detach", str(worktree), before_ref], cwd=REPO, check=True, capture_output=True)
         targets.insert(0, ("before", worktree))
-    for name, checkout in targets:
-        runs = runs_dir / name
-        environment = {**os.environ, "PYTHONPATH": str(checkout)}
-        started = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "cli.py", "run", "jobs/demo.yaml", "--force", "--set", f"storage.runs_dir={runs}"],
-            cwd=checkout,
-            env=environment,
-            check=True,
-        )
-        wall = time.perf_counter() - started
-        (run_dir,) = [path for path in runs.iterdir() if path.is_dir()]
-        manifests = {path.name: json.loads((path / "manifest.json").read_text()) for path in run_dir.iterdir() if (path / "manifest.json").exists()}
-        evaluation = manifests["evaluate"]["metrics"]
-        generated = manifests["generate"]["metrics"]
-        out[name] = {
-            "ref": before_ref if name == "before" else git_head(),
-            "wall_s": wall,
-            "seconds_per_stage": {stage: manifest["seconds"] for stage, manifest in manifests.items()},
-            "accuracy_student_store": evaluation["accuracy_student_store"],
-            "accuracy_teacher_zero_shot": evaluation.get("accuracy_teacher_zero_shot"),
-            "generation_tokens_per_s": generated["generation_tokens_per_s"],
-            "generation_seconds": generated["generation_seconds"],
-            "tokens_generated": generated["tokens_generated"],
-            "samples_kept": manifests["generate"]["counts"]["kept"],
-        }
-        log(f"demo {name}: {wall:.0f} s, student+store {evaluation['accuracy_student_store']:.3f}")
+    try:
+        for name, checkout in targets:
+            out[name] = demo_once(log, name, checkout, runs_dir / name, before_ref)
+    finally:
+        if before_ref:
+            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=REPO, capture_output=True)
     return out
+
+
+def demo_once(log, name: str, checkout: Path, runs: Path, before_ref: str | None) -> dict:
+    """One `retrikt run` of the demo in `checkout`: wall time, seconds per stage, what it produced."""
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "cli.py", "run", "jobs/demo.yaml", "--force", "--set", f"storage.runs_dir={runs}"],
+        cwd=checkout,
+        env={**os.environ, "PYTHONPATH": str(checkout)},
+        check=True,
+    )
+    wall = time.perf_counter() - started
+    (run_dir,) = [path for path in runs.iterdir() if path.is_dir()]
+    manifests = {path.name: json.loads((path / "manifest.json").read_text()) for path in run_dir.iterdir() if (path / "manifest.json").exists()}
+    evaluation = manifests["evaluate"]["metrics"]
+    generated = manifests["generate"]["metrics"]
+    log(f"demo {name}: {wall:.0f} s, student+store {evaluation['accuracy_student_store']:.3f}")
+    return {
+        "ref": before_ref if name == "before" else git_head(),
+        "wall_s": wall,
+        "seconds_per_stage": {stage: manifest["seconds"] for stage, manifest in manifests.items()},
+        "accuracy_student_store": evaluation["accuracy_student_store"],
+        "accuracy_teacher_zero_shot": evaluation.get("accuracy_teacher_zero_shot"),
+        "generation_tokens_per_s": generated["generation_tokens_per_s"],
+        "generation_seconds": generated["generation_seconds"],
+        "tokens_generated": generated["tokens_generated"],
+        "samples_kept": manifests["generate"]["counts"]["kept"],
+    }
 
 
 def git_head() -> str:
@@ -522,12 +533,13 @@ def markdown(results: dict) -> str:
     if "ppo" in results:
         lines += [
             "",
-            "## PPO's backward pass through the teacher: the demo's PPO stage, scores in float32 and in bfloat16",
+            "## PPO through the teacher: the demo's prompt and PPO stages, the teacher in float32 and as `auto` resolves it",
             "",
-            "| teacher.dtype (precision per use) | seconds | reward per update | policy loss per update | value loss per update | KL per update |",
-            "|---|---|---|---|---|---|",
+            "| teacher.dtype (precision per use) | prompt s | prompt loss per epoch | PPO s | reward per update | policy loss per update | value loss per update | KL per update |",
+            "|---|---|---|---|---|---|---|---|",
             *[
-                f"| {dtype} ({precision_cell(row['precision'])}) | {row['seconds']:.0f} | {fmt(row['reward'])} | {fmt(row['policy_loss'])} | {fmt(row['value_loss'])} | {fmt(row['kl'])} |"
+                f"| {dtype} ({precision_cell(row['precision'])}) | {row['prompt_seconds']:.0f} | {fmt(row['prompt_loss_per_epoch'])} | {row['seconds']:.0f} |"
+                f" {fmt(row['reward'])} | {fmt(row['policy_loss'])} | {fmt(row['value_loss'])} | {fmt(row['kl'])} |"
                 for dtype, row in results["ppo"].items()
             ],
         ]
@@ -564,8 +576,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before-ref", help="git ref of the code before the engine, for the demo's before run")
     parser.add_argument("--skip-demo", action="store_true", help="no end-to-end demo runs")
-    parser.add_argument("--skip-ppo", action="store_true", help="no PPO float32 / bfloat16 comparison")
+    parser.add_argument("--skip-ppo", action="store_true", help="no PPO float32 / auto comparison")
     parser.add_argument("--out", default="benchmarks/results/teacher_speed")
+    parser.add_argument("--resume", action="store_true", help="keep the sections a previous run of this commit finished")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -573,26 +586,34 @@ def main() -> None:
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f}s] {line}", flush=True)
 
-    results = {
-        "commit": git_head(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "settings": {"job": "jobs/demo.yaml", "prefill_shapes": PREFILL_SHAPES, "decode_batches": DECODE_BATCHES, "layouts": LAYOUTS},
-    }
-    results["bounds"] = bounds(log)
-    results["decode"] = decoding(log)
-    results["generation"] = generation(log)
-    results["reading"] = reading(log)
-    with tempfile.TemporaryDirectory(prefix="teacher-speed-") as scratch:
-        if not args.skip_ppo:
-            results["ppo"] = ppo_precision(log, Path(scratch) / "ppo")
-        if not args.skip_demo:
-            results["demo"] = demo(log, args.before_ref, Path(scratch) / "demo")
-    results["headline"] = headline(results)
-    results = {**results["headline"], **results}
     out = REPO / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.json")  # each finished section, so a failure late on keeps the rest
+    results = json.loads(partial.read_text()) if args.resume and partial.exists() else {}
+    results.update(
+        commit=git_head(),
+        machine={"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        settings={"job": "jobs/demo.yaml", "prefill_shapes": PREFILL_SHAPES, "decode_batches": DECODE_BATCHES, "layouts": LAYOUTS},
+    )
+    with tempfile.TemporaryDirectory(prefix="teacher-speed-") as scratch:
+        sections = {
+            "bounds": lambda: bounds(log),
+            "decode": lambda: decoding(log),
+            "generation": lambda: generation(log),
+            "reading": lambda: reading(log),
+            "ppo": None if args.skip_ppo else lambda: ppo_precision(log, Path(scratch) / "ppo"),
+            "demo": None if args.skip_demo else lambda: demo(log, args.before_ref, Path(scratch) / "demo"),
+        }
+        for name, measure in sections.items():
+            if measure is None or name in results:
+                continue
+            results[name] = measure()
+            partial.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    results["headline"] = headline(results)
+    results = {**results["headline"], **results}
     out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     out.with_suffix(".md").write_text(markdown(results))
+    partial.unlink(missing_ok=True)
     print(markdown(results))
 
 

@@ -198,6 +198,9 @@ class PPOSpec(DeepSpeedOption):
     memory_bank_size: int = Field(128, ge=1, description="Recent accepted samples kept per label for diversity")
     max_new_tokens: int = Field(48, ge=4)
     top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(
+        50, ge=0, description="Keep the k most likely tokens before top-p (0: none); 50 is Hugging Face generate's default"
+    )
     temperature: float = Field(1.0, gt=0)
     eval_samples_per_label: int = Field(
         48, ge=1, description="Samples per label drawn on fixed seeds from the stage-1 and the final prompt, to measure what PPO changed"
@@ -221,6 +224,9 @@ class GenerateSpec(Section):
     )
     max_new_tokens: int = Field(48, ge=4)
     top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(
+        50, ge=0, description="Keep the k most likely tokens before top-p (0: none); 50 is Hugging Face generate's default"
+    )
     temperature: float = Field(1.0, gt=0)
     seed: int = Field(0)
     min_words: int = Field(3, ge=1, description="Shorter samples are malformed (dropped, counted)")

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 COMPACT_BELOW = 0.75
 # On CPUs, attention over queries up to this long runs as batched matmuls (LeanRunner.attend).
 MATMUL_ATTENTION_MAX_QUERY = 64
+# Top-k takes this many more candidates, to keep those tied with the k-th as Hugging Face does.
+TOP_K_TIES = 8
 # Top-p draws a row again at most this often before it sorts the row's vocabulary (see draw).
 REDRAWS = 8
 
@@ -84,15 +86,15 @@ def hardware_class(device: torch.device) -> str:
     return "cpu"
 
 
-# `teacher.dtype: auto`, per hardware class, (decode, read, score). Decoding and reading run where the
-# matmuls are fastest (benchmarks/results/teacher_speed.md); scoring (PPO's log-probs and its backward
-# pass) stays float32 on CPUs: it is a small share of a run there, and PPO's ratios and KL are
-# differences of log-probs that bf16 rounding would blur.
+# `teacher.dtype: auto`, per hardware class, (decode, read, score): bf16 wherever the hardware has bf16
+# matmuls (on the AVX512-BF16 CPU measured, 2x float32's rate for decoding, reading and PPO's backward
+# pass, with PPO's loss curves and the zero-shot accuracy beside float32's in
+# benchmarks/results/teacher_speed.md); fp16 scores on older GPUs would underflow, so they stay float32.
 AUTO_PRECISION = {
     "cuda-bf16": ("bfloat16", "bfloat16", "bfloat16"),
     "cuda": ("float16", "float16", "float32"),
-    "cpu-amx": ("bfloat16", "bfloat16", "float32"),
-    "cpu-avx512-bf16": ("bfloat16", "bfloat16", "float32"),
+    "cpu-amx": ("bfloat16", "bfloat16", "bfloat16"),
+    "cpu-avx512-bf16": ("bfloat16", "bfloat16", "bfloat16"),
     "cpu": ("float32", "float32", "float32"),
 }
 
@@ -109,13 +111,17 @@ def resolve_precision(requested: str, device: torch.device | str) -> Precision:
 def load_dtype(requested: str, device: torch.device | str, training: str | None = None) -> torch.dtype:
     """The dtype to load the teacher's weights in: the requested one, or for `auto` the widest dtype any
     use needs (float32 on CPUs, which keep bf16 copies of the weights for the uses that run in bf16).
-    `training`: the DeepSpeed precision of a stage that trains through the weights (prompt tuning); with
-    `auto` its weights are bf16 / fp16 only on a GPU whose training runs in that precision."""
+    `training`: the DeepSpeed precision of a stage that trains through the frozen weights (prompt tuning):
+    with `auto` they are loaded in the dtype that scores use on this hardware (the trained soft prompt
+    stays in the stage's precision), or in the stage's half type on a GPU."""
     if requested != "auto":
         return getattr(torch, requested)
     if training is not None:
-        cuda = torch.device(device).type == "cuda"
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(training, torch.float32) if cuda else torch.float32
+        # Trained through (prompt tuning): the frozen weights in the dtype scores use on this hardware, unless
+        # the stage's own precision asks for another half type on a GPU.
+        if torch.device(device).type == "cuda" and training in ("bf16", "fp16"):
+            return {"bf16": torch.bfloat16, "fp16": torch.float16}[training]
+        return resolve_precision(requested, device).score
     precision = resolve_precision(requested, device)
     uses = {precision.decode, precision.read, precision.score}
     if torch.device(device).type == "cuda" and len(uses) == 1:
@@ -126,14 +132,16 @@ def load_dtype(requested: str, device: torch.device | str, training: str | None 
 # ------------------------------------------------------------------------------------------ sampling
 @dataclass(frozen=True)
 class SamplingParams:
-    """How continuations are drawn, as in Hugging Face's `generate`: temperature, then top-p, then a
-    draw; `greedy` takes the most likely token instead. A row ends after its first stop token."""
+    """How continuations are drawn, as in Hugging Face's `generate`: temperature, then top-k (0: off),
+    then top-p, then a draw; `greedy` takes the most likely token instead. A row ends after its first
+    stop token."""
 
     max_new_tokens: int
     stop_ids: tuple[int, ...]
     top_p: float = 1.0
     temperature: float = 1.0
     greedy: bool = False
+    top_k: int = 0
 
 
 def row_seeds(seed: int, rows: int) -> np.ndarray:
@@ -169,33 +177,75 @@ def top_p_keep(probs_desc: torch.Tensor, top_p: float) -> torch.Tensor:
     return keep
 
 
+@dataclass
+class Candidates:
+    """Each row's next-token distribution: probabilities (rows, C) over the candidate tokens `tokens`
+    (rows, C), or over the whole vocabulary when `tokens` is None (greedy keeps the logits there)."""
+
+    probs: torch.Tensor
+    tokens: torch.Tensor | None
+
+    def take(self, rows: torch.Tensor) -> "Candidates":
+        return Candidates(self.probs[rows], None if self.tokens is None else self.tokens[rows])
+
+    def put(self, rows: torch.Tensor, other: "Candidates") -> None:
+        self.probs[rows] = other.probs
+        if self.tokens is not None:
+            self.tokens[rows] = other.tokens
+
+    def empty(self, rows: int) -> "Candidates":
+        """Room for `rows` rows shaped like these."""
+        probs = self.probs.new_empty(rows, self.probs.shape[-1])
+        return Candidates(probs, None if self.tokens is None else self.tokens.new_zeros(rows, self.tokens.shape[-1]))
+
+
 def next_tokens(logits: torch.Tensor, params: SamplingParams, seeds: np.ndarray, steps: np.ndarray) -> torch.Tensor:
-    """One token per row of `logits` (rows, vocab): see `scores` and `draw`."""
-    return draw(scores(logits, params), params, seeds, steps)
+    """One token per row of `logits` (rows, vocab): see `candidates` and `draw`."""
+    return draw(candidates(logits, params), params, seeds, steps)
 
 
-def scores(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """What `draw` takes: the logits themselves when greedy, else the temperature-scaled probabilities."""
+def candidates(logits: torch.Tensor, params: SamplingParams) -> Candidates:
+    """What `draw` takes. Greedy: the logits. With top-k: the k most likely tokens (and any tied with the
+    k-th, as Hugging Face's TopKLogitsWarper keeps them), their temperature-scaled probabilities, the
+    ones top-p drops set to 0. Without: the temperature-scaled probabilities of the whole vocabulary
+    (top-p is applied when drawing)."""
+    logits = logits.float()
     if params.greedy:
-        return logits.float()
-    return torch.softmax(logits.float() if params.temperature == 1.0 else logits.float() / params.temperature, dim=-1)
+        return Candidates(logits, None)
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
+    vocab = logits.shape[-1]
+    if not params.top_k or params.top_k >= vocab:
+        return Candidates(torch.softmax(logits, dim=-1), None)
+    values, tokens = logits.topk(min(vocab, params.top_k + TOP_K_TIES), dim=-1)
+    values = values.masked_fill(values < values[:, params.top_k - 1 : params.top_k], float("-inf"))
+    probs = torch.softmax(values, dim=-1)
+    if params.top_p < 1.0:
+        probs = probs * top_p_keep(probs, params.top_p)
+    return Candidates(probs, tokens)
 
 
-def draw(scores: torch.Tensor, params: SamplingParams, seeds: np.ndarray, steps: np.ndarray) -> torch.Tensor:
-    """Greedy: the most likely token. Else a draw from the top-p truncated probabilities by inverse CDF
-    with the row's own uniforms.
+def draw(candidates: Candidates, params: SamplingParams, seeds: np.ndarray, steps: np.ndarray) -> torch.Tensor:
+    """Greedy: the most likely token. Else a draw by inverse CDF with the row's own uniforms, from the
+    candidates (top-k and top-p applied), or from the whole vocabulary truncated by top-p.
 
-    Top-p without sorting the vocabulary: a draw from the whole distribution is kept when it lies in the
-    nucleus (the mass of the tokens more likely than it is below top_p), else the row draws again. That
-    is the nucleus distribution exactly; the nucleus holds at least top_p of the mass, so a row draws
-    1 / top_p times on average, and rows still outside after `REDRAWS` draws take the sorted path.
-    Whether a draw lies in the nucleus is first bounded per block of the vocabulary (`VocabBlocks`);
-    only a row the bounds leave open sums over its whole vocabulary."""
+    Top-p over the whole vocabulary without sorting it: a draw from the whole distribution is kept when
+    it lies in the nucleus (the mass of the tokens more likely than it is below top_p), else the row
+    draws again. That is the nucleus distribution exactly; the nucleus holds at least top_p of the mass,
+    so a row draws 1 / top_p times on average, and rows still outside after `REDRAWS` draws take the
+    sorted path. Whether a draw lies in the nucleus is first bounded per block of the vocabulary
+    (`VocabBlocks`); only a row the bounds leave open sums over its whole vocabulary."""
     if params.greedy:
-        return scores.argmax(dim=-1)
-    probs, blocks = scores, VocabBlocks(scores)
+        return candidates.probs.argmax(dim=-1)
+    probs = candidates.probs
     everyone = torch.arange(len(probs), device=probs.device)
-    chosen = blocks.draw(everyone, torch.from_numpy(uniforms(seeds, steps)).to(probs.device))
+    u = torch.from_numpy(uniforms(seeds, steps)).to(probs.device)
+    if candidates.tokens is not None:
+        cumulative = probs.double().cumsum(dim=-1)
+        position = torch.searchsorted(cumulative, (u * cumulative[:, -1])[:, None], right=True).clamp(max=probs.shape[-1] - 1)
+        return candidates.tokens.gather(-1, position).squeeze(-1)
+    blocks = VocabBlocks(probs)
+    chosen = blocks.draw(everyone, u)
     if params.top_p >= 1.0:
         return chosen
     pending = everyone
@@ -606,7 +656,7 @@ class TorchEngine(Engine):
         fewer slots."""
         runner = self.runner(self.precision.decode)
         prefix, hidden = runner.prefill(prompt[None].to(self.device))
-        first = scores(runner.logits(hidden[:, -1]), params)  # (1, vocab): every row's first distribution
+        first = candidates(runner.logits(hidden[:, -1]), params)  # every row's first distribution
         prompt_length = prompt.shape[0]
         capacity = prompt_length + params.max_new_tokens
         # A slot with nothing to feed runs at the last position: no row attends to that key before it
@@ -618,7 +668,7 @@ class TorchEngine(Engine):
         waiting = list(range(len(seeds)))[::-1]  # pop() takes the next row
         slot_row = np.full(width, -1)  # the row each slot holds, -1 idle
         steps = np.zeros(width, dtype=np.int64)  # tokens its row has so far
-        next_scores = torch.empty(width, first.shape[-1], device=self.device)
+        upcoming = first.empty(width)  # each slot's next-token distribution
         embeddings = self.model.get_input_embeddings()
 
         def admit(free: np.ndarray) -> None:
@@ -628,18 +678,18 @@ class TorchEngine(Engine):
                 steps[taken] = 0
                 index = torch.from_numpy(taken).to(self.device)
                 runner.place(cache, prefix, index)
-                next_scores[index] = first
+                upcoming.put(index, first)
 
         admit(np.arange(width))
         while (slot_row >= 0).any():
             if not waiting and (slot_row >= 0).sum() < COMPACT_BELOW * len(slot_row):
                 keep = np.flatnonzero(slot_row >= 0)
                 index = torch.from_numpy(keep).to(self.device)
-                cache, next_scores = runner.select(cache, index), next_scores[index]
+                cache, upcoming = runner.select(cache, index), upcoming.take(index)
                 slot_row, steps = slot_row[keep], steps[keep]
             live = np.flatnonzero(slot_row >= 0)
             rows = slot_row[live]
-            mine = next_scores if len(live) == len(slot_row) else next_scores[torch.from_numpy(live).to(self.device)]
+            mine = upcoming if len(live) == len(slot_row) else upcoming.take(torch.from_numpy(live).to(self.device))
             chosen = draw(mine, params, seeds[rows], steps[live]).cpu()
             tokens[rows, steps[live]] = chosen
             steps[live] += 1
@@ -656,7 +706,7 @@ class TorchEngine(Engine):
             positions[going] = torch.from_numpy(prompt_length + steps[going] - 1)
             hidden, _ = runner.forward(embeddings(feed.to(self.device))[:, None], positions.to(self.device)[:, None], cache=cache)
             index = torch.from_numpy(going).to(self.device)
-            next_scores[index] = scores(runner.logits(hidden[index, -1]), params)
+            upcoming.put(index, candidates(runner.logits(hidden[index, -1]), params))
 
     def _generate_hf(self, prompt, seeds, params, batch_size, tokens, lengths) -> None:
         """Hugging Face's forward and cache: the prompt prefilled once and copied into each batch; a batch

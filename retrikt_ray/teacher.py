@@ -98,12 +98,13 @@ class Teacher:
         soft_prompt: torch.Tensor | None = None,
         batch_size: int = 64,
         greedy: bool = False,
+        top_k: int = 0,
     ) -> Samples:
         """n continuations of the label's generation prompt behind `soft_prompt`. Row i draws from its own
         seed (`row_seeds(seed, n)[i]`), so it is the same whatever `batch_size` (rows generated together)."""
         from .engine import SamplingParams, row_seeds
 
-        params = SamplingParams(max_new_tokens, tuple(self.stop_ids), top_p, temperature, greedy)
+        params = SamplingParams(max_new_tokens, tuple(self.stop_ids), top_p, temperature, greedy, top_k)
         with torch.no_grad():
             prompt = self.prompt_embeddings(label, soft_prompt)
         generation = self.engine.generate(prompt, row_seeds(seed, n), params, self.tokenizer.pad_token_id, batch_size)

@@ -197,6 +197,32 @@ def test_top_p_keeps_what_hugging_faces_warper_keeps_and_draws_only_from_it():
         assert (frequencies - nucleus).abs().max() < 0.02
 
 
+def test_top_k_then_top_p_keep_what_hugging_faces_warpers_keep_ties_included():
+    """Hugging Face's `generate` samples with top-k 50 unless told otherwise, then top-p; so does the engine
+    (`generate.top_k`, `ppo.top_k`). Logits in bfloat16 steps tie often: ties with the k-th token stay."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    generator = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(32, 800, generator=generator)).bfloat16().float()  # coarse steps: ties
+    for top_k, top_p, temperature in ((50, 0.95, 1.0), (5, 0.5, 0.7), (50, 1.0, 1.3)):
+        scaled = logits / temperature
+        expected = TopPLogitsWarper(top_p)(None, TopKLogitsWarper(top_k)(None, scaled.clone())) if top_p < 1 else TopKLogitsWarper(top_k)(None, scaled.clone())
+        params = SamplingParams(1, (), top_p=top_p, temperature=temperature, top_k=top_k)
+        found = engine_module.candidates(logits, params)
+        kept = torch.zeros_like(logits, dtype=torch.bool).scatter(1, found.tokens, found.probs > 0)
+        for row in range(len(logits)):
+            # Which of two tied tokens the nucleus's edge keeps is the sort's choice: compare the kept values.
+            mine, theirs = logits[row][kept[row]].sort().values, logits[row][torch.isfinite(expected[row])].sort().values
+            assert torch.equal(mine, theirs)
+            probs = found.probs[row][found.probs[row] > 0]
+            torch.testing.assert_close((probs / probs.sum()).sort().values, torch.softmax(expected[row], -1)[torch.isfinite(expected[row])].sort().values)
+        row = logits[:1].expand(20_000, -1)
+        drawn = next_tokens(row, params, row_seeds(5, 20_000), np.zeros(20_000, dtype=np.int64))
+        frequencies = torch.bincount(drawn, minlength=800).float() / len(drawn)
+        nucleus = torch.zeros(800).scatter(0, found.tokens[0], found.probs[0] / found.probs[0].sum())
+        assert (frequencies - nucleus).abs().max() < 0.02 and (frequencies[nucleus == 0] == 0).all()
+
+
 def test_a_nucleus_that_draws_rarely_reach_is_sorted_instead():
     """Top-p redraws a row whose draw falls outside the nucleus; a row whose nucleus holds little of the
     mass (here one token of 2%) takes the sorted path after a few draws, with the same result."""
@@ -216,6 +242,7 @@ def test_auto_precision_resolves_per_hardware_and_a_named_dtype_is_forced(monkey
         assert resolved == dict(zip(("decode", "read", "score"), engine_module.AUTO_PRECISION[engine_module.hardware_class(torch.device("cpu"))]))
         assert resolved["decode"] == expected
         assert engine_module.load_dtype("auto", "cpu") == torch.float32  # CPUs keep float32 weights, bf16 copies per use
+        assert engine_module.load_dtype("auto", "cpu", training="fp32") == getattr(torch, resolved["score"])  # prompt tuning
         assert resolve_precision("float32", "cpu").names() == {"decode": "float32", "read": "float32", "score": "float32"}
 
 

@@ -77,7 +77,8 @@ class Generator:
             n = int(count)
             # One call per row: each sample has its own seed, so the batch size changes speed, not samples.
             samples = self.teacher.sample(
-                int(label), n, settings.max_new_tokens, settings.top_p, settings.temperature, int(seed), self.soft_prompt, settings.batch_size
+                int(label), n, settings.max_new_tokens, settings.top_p, settings.temperature, int(seed), self.soft_prompt, settings.batch_size,
+                top_k=settings.top_k,
             )
             out["shard"] += [shard] * n
             out["label"] += [int(label)] * n

@@ -208,7 +208,8 @@ def measure_prompt(teacher, rewards: RewardModel, prompt: torch.Tensor) -> dict[
     scores, texts = [], []
     for label in range(rewards.task.num_labels):
         samples = teacher.sample(
-            label, settings.eval_samples_per_label, settings.max_new_tokens, settings.top_p, settings.temperature, EVAL_SEED + label, prompt
+            label, settings.eval_samples_per_label, settings.max_new_tokens, settings.top_p, settings.temperature, EVAL_SEED + label, prompt,
+            top_k=settings.top_k,
         )
         scores.append(rewards.score(label, samples.texts, remember=False))
         texts.extend(samples.texts)
@@ -275,7 +276,7 @@ def train_loop(config: dict) -> None:
         groups, scores, texts = [], [], []
         for label in range(task.num_labels):
             seed = 1_000_003 * (update + 1) + 101 * label + rank
-            samples = teacher.sample(label, per_label, settings.max_new_tokens, settings.top_p, settings.temperature, seed, prompt)
+            samples = teacher.sample(label, per_label, settings.max_new_tokens, settings.top_p, settings.temperature, seed, prompt, top_k=settings.top_k)
             groups.append(samples)
             scores.append(rewards.score(label, samples.texts))
             texts.extend(samples.texts)
