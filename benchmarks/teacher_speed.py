@@ -17,7 +17,8 @@ In one run, one after the other, on the packaged SmolLM2-135M teacher with the d
    zero-shot accuracy and soft labels of each against float32;
 4. prompt tuning and PPO through the teacher in float32 and as `auto` resolves it (bf16 here): the demo's prompt
    and PPO stages, loss per epoch, reward and losses per update, seconds;
-5. the demo's whole `retrikt run` before (a worktree at --before-ref) and after (this checkout), per stage.
+5. the demo's whole `retrikt run` before (a worktree at --before-ref) and after (this checkout, through
+   benchmarks/demo.py, which rewrites benchmarks/results/demo.{json,md}), per stage.
 Writes benchmarks/results/teacher_speed.{json,md}.
 """
 
@@ -392,39 +393,38 @@ def ppo_precision(log, runs_dir: Path) -> dict:
 
 
 def demo(log, before_ref: str | None, runs_dir: Path) -> dict:
-    """`retrikt run jobs/demo.yaml --force` in a worktree at `before_ref` and in this checkout."""
+    """The demo's `retrikt run jobs/demo.yaml --force` in a worktree at `before_ref` (its runs under
+    `runs_dir`), then in this checkout through benchmarks/demo.py, which records the after run in
+    benchmarks/results/demo.{json,md} as well."""
     out = {}
-    targets = [("after", REPO)]
     if before_ref:
         worktree = Path(tempfile.mkdtemp(prefix="retrikt-before-"))
         subprocess.run(["git", "worktree", "add", "--detach", str(worktree), before_ref], cwd=REPO, check=True, capture_output=True)
-        targets.insert(0, ("before", worktree))
-    try:
-        for name, checkout in targets:
-            out[name] = demo_once(log, name, checkout, runs_dir / name, before_ref)
-    finally:
-        if before_ref:
+        try:
+            runs = runs_dir / "before"
+            command = [sys.executable, "cli.py", "run", "jobs/demo.yaml", "--force", "--set", f"storage.runs_dir={runs}"]
+            started = time.perf_counter()
+            subprocess.run(command, cwd=worktree, env={**os.environ, "PYTHONPATH": str(worktree)}, check=True)
+            (run_dir,) = [path for path in runs.iterdir() if path.is_dir()]
+            out["before"] = demo_row(log, "before", before_ref, run_dir, time.perf_counter() - started)
+        finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=REPO, capture_output=True)
+    subprocess.run([sys.executable, "benchmarks/demo.py"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    recorded = json.loads((REPO / "benchmarks/results/demo.json").read_text())
+    out["after"] = demo_row(log, "after", git_head(), REPO / recorded["run_dir"], recorded["wall_seconds"])
     return out
 
 
-def demo_once(log, name: str, checkout: Path, runs: Path, before_ref: str | None) -> dict:
-    """One `retrikt run` of the demo in `checkout`: wall time, seconds per stage, what it produced."""
-    started = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "cli.py", "run", "jobs/demo.yaml", "--force", "--set", f"storage.runs_dir={runs}"],
-        cwd=checkout,
-        env={**os.environ, "PYTHONPATH": str(checkout)},
-        check=True,
-    )
-    wall = time.perf_counter() - started
-    (run_dir,) = [path for path in runs.iterdir() if path.is_dir()]
-    manifests = {path.name: json.loads((path / "manifest.json").read_text()) for path in run_dir.iterdir() if (path / "manifest.json").exists()}
+def demo_row(log, name: str, ref: str, run_dir: Path, wall: float) -> dict:
+    """What one demo run took and produced, from its manifests."""
+    from retrikt_ray.pipeline import STAGE_NAMES
+
+    manifests = {name: json.loads((run_dir / name / "manifest.json").read_text()) for name in STAGE_NAMES if (run_dir / name / "manifest.json").exists()}
     evaluation = manifests["evaluate"]["metrics"]
     generated = manifests["generate"]["metrics"]
     log(f"demo {name}: {wall:.0f} s, student+store {evaluation['accuracy_student_store']:.3f}")
     return {
-        "ref": before_ref if name == "before" else git_head(),
+        "ref": ref,
         "wall_s": wall,
         "seconds_per_stage": {stage: manifest["seconds"] for stage, manifest in manifests.items()},
         "accuracy_student_store": evaluation["accuracy_student_store"],
