@@ -6,7 +6,7 @@ it: dev row -> its k nearest store rows by cosine -> softmax(cos / tau) over the
 
 Candidates, each on the raw states and centred on the store's mean: the teacher's state where it reads
 off its answer (`teacher.state: answer`, the classification prompt's last token) and its mean-pooled
-state over the text alone (`mean_pool`, METHOD.md's h_T), at several layers; and the student encoder
+state over the text alone (`mean_pool`, the original h_T, docs/method.md), at several layers; and the student encoder
 before training. Classification tasks only. Writes benchmarks/results/teacher_states.{json,md}.
 """
 

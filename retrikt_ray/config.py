@@ -1,6 +1,6 @@
 """The job spec: one YAML file, validated by pydantic, one section per stage.
 
-Every default of METHOD.md is a field here. Errors name the field path (`student.lr: ...`), so the CLI
+Every default of docs/method.md is a field here. Errors name the field path (`student.lr: ...`), so the CLI
 can print one line and exit 2.
 """
 
@@ -88,14 +88,15 @@ class TeacherSpec(Section):
     soft_label_temperature: float = Field(
         1.0,
         gt=0,
-        description="Temperature on the calibrated p_C that gives the soft labels q_T (1: q_T = p_C as in METHOD.md; "
-        "below 1 sharpens the flat two-word distributions of small teachers)",
+        description="Temperature on the calibrated p_C that gives the soft labels q_T "
+        "(1: q_T = p_C as in docs/method.md; below 1 sharpens the flat two-word distributions of small teachers)",
     )
     state: Literal["answer", "mean_pool"] = Field(
         "answer",
         description="h_T for L_rank: 'answer' is the state where the teacher reads off its answer (the classification "
-        "prompt's last token), 'mean_pool' the text's mean-pooled states (METHOD.md). As similarities for kNN on SST-2 "
-        "(benchmarks/results/teacher_states.md) the answer state scores far above chance and the mean-pooled one near it",
+        "prompt's last token), 'mean_pool' the text's mean-pooled states (the original recipe's, docs/method.md). "
+        "As similarities for kNN on SST-2 (benchmarks/results/teacher_states.md) the answer state scores far above "
+        "chance and the mean-pooled one near it",
     )
     hidden_layer: int = Field(-1, description="Teacher layer that h_T is taken from")
     classify_batch_size: int = Field(32, ge=1, description="Texts per teacher forward when classifying")

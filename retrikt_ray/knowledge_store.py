@@ -1,4 +1,4 @@
-"""The knowledge store (METHOD.md, stage 4): generated rows, their teacher soft labels, and a FAISS
+"""The knowledge store (docs/method.md, stage 4): generated rows, their teacher soft labels, and a FAISS
 index over L2-normalised student-embedding keys, searched by inner product (= cosine).
 
 Keys are tied to the encoder weights that made them through `encoder_fingerprint`; when the encoder

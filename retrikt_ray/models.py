@@ -3,7 +3,7 @@
 A name is a packaged model (`smollm2-135m-instruct`, `all-minilm-l6-v2`), a local folder, or a hub id.
 The packaged teacher ships as a quantized GGUF file; it is converted once into a plain safetensors
 folder in the cache, because a model loaded from GGUF stays flagged as quantized and can then be
-neither trained nor saved (STACK.md).
+neither trained nor saved.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The retrieval-aware student (METHOD.md, stage 5) and its losses.
+"""The retrieval-aware student (docs/method.md, stage 5) and its losses.
 
 For an input x: z = S(x) (mean-pooled, L2-normalised); the top-k store neighbours are weighted by
 w_j = softmax_j(cos(z, key_j) / tau); p_ret = sum_j w_j q_j; p_head = softmax(W z);

@@ -29,7 +29,7 @@ class Samples:
 
 
 def calibrate(probs: np.ndarray, reference_mean: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Divide by the mean predicted distribution of a reference set and renormalise (METHOD.md);
+    """Divide by the mean predicted distribution of a reference set and renormalise (docs/method.md);
     a temperature below 1 then sharpens the result (p ** (1 / T), renormalised)."""
     scaled = (probs / np.clip(reference_mean, 1e-12, None)) ** (1.0 / temperature)
     return (scaled / scaled.sum(axis=-1, keepdims=True)).astype(np.float32)

@@ -82,7 +82,7 @@ def test_user_fields_override_builtin():
     t = task("sst2", verbalisers=["bad", "good"], description="Short film reviews")
     assert t.verbalisers == ["bad", "good"]
     assert t.spec.label_names == ["negative", "positive"]  # the rest stays built-in
-    assert t.generation_prompt(0) == "Task: Short film reviews. Label: bad. Text:"  # METHOD.md: Label: <v(y)>
+    assert t.generation_prompt(0) == "Task: Short film reviews. Label: bad. Text:"  # docs/method.md: Label: <v(y)>
 
 
 def test_prompts():
