@@ -66,8 +66,15 @@ def main() -> None:
         else None,
         "seconds_per_stage": {name: manifests[name]["seconds"] for name in STAGE_NAMES},
         "wall_seconds": round(wall, 1) if wall is not None else None,
-        "parameters": {"teacher": evaluation.get("params_teacher"), "student": evaluation["params_student"], "store_rows": evaluation["store_rows"]},
-        "cpu_ms_per_example": {"teacher": evaluation.get("ms_per_example_teacher"), "student_store": evaluation["ms_per_example_student_store"]},
+        "parameters": {
+            "teacher": evaluation.get("params_teacher"),
+            "student": evaluation["params_student"],
+            "store_rows": evaluation["store_rows"],
+        },
+        "cpu_ms_per_example": {
+            "teacher": evaluation.get("ms_per_example_teacher"),
+            "student_store": evaluation["ms_per_example_student_store"],
+        },
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "run_dir": str(run_dir.relative_to(REPO) if run_dir.is_relative_to(REPO) else run_dir),
     }
@@ -81,18 +88,24 @@ def main() -> None:
 def markdown(results: dict) -> str:
     accuracy, params, latency = results["accuracy"], results["parameters"], results["cpu_ms_per_example"]
     lines = [
-        f"# Demo: {results['task']}, {results['shots_per_class']} labelled examples per class, {results['dev_examples']} dev examples",
+        f"# Demo: {results['task']}, {results['shots_per_class']} labelled examples per class, "
+        f"{results['dev_examples']} dev examples",
         "",
         "| model | dev accuracy | parameters | CPU ms / example |",
         "|---|---|---|---|",
-        f"| teacher, calibrated zero-shot | {accuracy['teacher_zero_shot_calibrated']:.3f} | {params['teacher']:,} | {latency['teacher']:.1f} |",
-        f"| student + store (RetriKT) | {accuracy['student_store']:.3f} | {params['student']:,} + {params['store_rows']:,} store rows | {latency['student_store']:.1f} |",
+        f"| teacher, calibrated zero-shot | {accuracy['teacher_zero_shot_calibrated']:.3f} | {params['teacher']:,} | "
+        f"{latency['teacher']:.1f} |",
+        f"| student + store (RetriKT) | {accuracy['student_store']:.3f} | "
+        f"{params['student']:,} + {params['store_rows']:,} store rows | {latency['student_store']:.1f} |",
         f"| student head alone | {accuracy['student_head_alone']:.3f} | {params['student']:,} | |",
         f"| retrieval alone | {accuracy['retrieval_alone']:.3f} | | |",
         "",
         f"Samples: {results['samples']['generated']} generated, {results['samples']['kept']} kept.",
         *(
-            [f"Student + store answers what the teacher answers on {results['student_store_agrees_with_teacher']:.1%} of the dev examples."]
+            [
+                f"Student + store answers what the teacher answers on "
+                f"{results['student_store_agrees_with_teacher']:.1%} of the dev examples."
+            ]
             if results.get("student_store_agrees_with_teacher") is not None
             else []
         ),
@@ -100,7 +113,8 @@ def markdown(results: dict) -> str:
         "| stage | seconds |",
         "|---|---|",
         *[f"| {name} | {seconds:.0f} |" for name, seconds in results["seconds_per_stage"].items()],
-        f"| whole `retrikt run` (wall, Ray start-up included) | {'not measured (--reuse)' if results['wall_seconds'] is None else round(results['wall_seconds'])} |",
+        "| whole `retrikt run` (wall, Ray start-up included) | "
+        f"{'not measured (--reuse)' if results['wall_seconds'] is None else round(results['wall_seconds'])} |",
         "",
         f"Machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}.",
         "",

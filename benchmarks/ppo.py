@@ -36,7 +36,9 @@ def plot(results: dict[str, dict], path: Path) -> None:
     for axis, key in zip(axes.flat, keys):
         for lr, result in results.items():
             history = result["history"]
-            axis.plot([entry["update"] for entry in history], [entry[key] for entry in history], marker="o", label=f"lr {lr}")
+            axis.plot(
+                [entry["update"] for entry in history], [entry[key] for entry in history], marker="o", label=f"lr {lr}"
+            )
         axis.set_title(f"{key} (rollouts of each update)")
         axis.set_xlabel("PPO update")
     axes.flat[0].legend(fontsize=7)
@@ -49,12 +51,12 @@ def markdown(results: dict[str, dict], settings: dict, curves: str) -> str:
     lines = [
         f"# PPO on the soft prompt: {settings['task']}, seed {settings['seed']}, profile `{settings['profile']}`",
         "",
-        f"{settings['updates']} updates of {settings['rollouts']} rollouts from the same stage-1 prompt, diversity weight beta = "
-        f"{settings['beta']:g}, GAE lambda {settings['gae_lambda']:g}, "
-        f"{'one prompt per label' if settings['per_label_prompt'] else 'one prompt shared by the labels'}, a malformed sample's "
-        f"consistency term: {settings['malformed_consistency']}. Before / after: "
-        f"the stage-1 and the final prompt on the same fixed draws ({settings['eval_samples']} per label), scored by the "
-        "teacher's calibrated classifier.",
+        f"{settings['updates']} updates of {settings['rollouts']} rollouts from the same stage-1 prompt, "
+        f"diversity weight beta = {settings['beta']:g}, GAE lambda {settings['gae_lambda']:g}, "
+        f"{'one prompt per label' if settings['per_label_prompt'] else 'one prompt shared by the labels'}, "
+        f"a malformed sample's consistency term: {settings['malformed_consistency']}. Before / after: "
+        f"the stage-1 and the final prompt on the same fixed draws ({settings['eval_samples']} per label), "
+        "scored by the teacher's calibrated classifier.",
         "",
         "| lr | label consistency before -> after | log p_C(y given x) before -> after | distinct-2 before -> after | "
         "max cos within the draws before -> after | valid before -> after | KL at the last update | seconds |",
@@ -64,10 +66,11 @@ def markdown(results: dict[str, dict], settings: dict, curves: str) -> str:
         before, after = result["before"], result["after"]
 
         def pair(key: str) -> str:
-            return f"{before[key]:.3f} -> {after[key]:.3f}"
+            return f"{before[key]:.3f} -> {after[key]:.3f}"  # noqa: B023 called only within this iteration
 
         lines.append(
-            f"| {lr} | {pair('consistency_rate')} | {pair('consistency_term')} | {pair('distinct_2')} | {pair('mean_max_cos')} | "
+            f"| {lr} | {pair('consistency_rate')} | {pair('consistency_term')} | {pair('distinct_2')} | "
+            f"{pair('mean_max_cos')} | "
             f"{pair('valid_rate')} | {result['history'][-1]['kl']:.3f} | {result['seconds']:.0f} |"
         )
     lines += ["", f"Curves: `{curves}`.", ""]
@@ -85,7 +88,11 @@ def main() -> None:
     parser.add_argument("--beta", type=float, help="Weight of the diversity reward (default: the profile's)")
     parser.add_argument("--gae-lambda", type=float, help="GAE lambda (default: the profile's)")
     parser.add_argument("--per-label-prompt", action="store_true", help="Tune one copy of the stage-1 prompt per label")
-    parser.add_argument("--malformed-consistency", choices=("valid_mean", "floor"), help="Consistency term of a malformed sample (default: the profile's)")
+    parser.add_argument(
+        "--malformed-consistency",
+        choices=("valid_mean", "floor"),
+        help="Consistency term of a malformed sample (default: the profile's)",
+    )
     parser.add_argument("--eval-samples", type=int, default=48, help="Fixed draws per label for before / after")
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "ppoexp"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ppo"))
@@ -115,11 +122,26 @@ def main() -> None:
             run_dir = pipeline.run(spec, only="ppo")
             manifest = read_manifest(run_dir / "ppo")
             metrics = manifest["metrics"]
-            results[f"{lr:g}"] = {key: metrics[key] for key in ("before", "after", "history")} | {"seconds": manifest["seconds"]}
-    settings = {"profile": args.profile, "task": args.task, "seed": args.seed, "updates": args.updates, "rollouts": args.rollouts, "eval_samples": args.eval_samples, "beta": spec.ppo.beta, "gae_lambda": spec.ppo.gae_lambda, "per_label_prompt": spec.ppo.per_label_prompt, "malformed_consistency": spec.ppo.malformed_consistency}
+            results[f"{lr:g}"] = {key: metrics[key] for key in ("before", "after", "history")} | {
+                "seconds": manifest["seconds"]
+            }
+    settings = {
+        "profile": args.profile,
+        "task": args.task,
+        "seed": args.seed,
+        "updates": args.updates,
+        "rollouts": args.rollouts,
+        "eval_samples": args.eval_samples,
+        "beta": spec.ppo.beta,
+        "gae_lambda": spec.ppo.gae_lambda,
+        "per_label_prompt": spec.ppo.per_label_prompt,
+        "malformed_consistency": spec.ppo.malformed_consistency,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": results}, indent=2, default=float) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({"settings": settings, "results": results}, indent=2, default=float) + "\n"
+    )
     curves = out.parent / f"{out.name}_curves.png"
     out.with_suffix(".md").write_text(markdown(results, settings, curves.name))
     plot(results, curves)

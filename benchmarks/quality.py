@@ -34,9 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from retrikt_ray.baselines import BaselineSettings
-from retrikt_ray.config import JobSpec, format_validation_error
-from retrikt_ray.stages.evaluate import accuracy
+from retrikt_ray.baselines import BaselineSettings  # noqa: E402
+from retrikt_ray.config import JobSpec, format_validation_error  # noqa: E402
+from retrikt_ray.stages.evaluate import accuracy  # noqa: E402
 
 # Row order of the table, with the label each method is shown under.
 METHODS = {
@@ -66,18 +66,29 @@ class Profile(BaseModel):
     shots: int = Field(16, ge=1, description="k labelled examples per class (choice tasks: in total)")
     dev_limit: int | None = Field(None, ge=1, description="Score on the first N dev rows of every task (None: all)")
     ablation_tasks: list[str] = Field(description="Tasks on which the ablations run (no L_rank runs on every task)")
-    store_fractions: list[float] = Field(description="Store sizes of the store-size ablation, below 1 (1 is the full run)")
+    store_fractions: list[float] = Field(
+        description="Store sizes of the store-size ablation, below 1 (1 is the full run)"
+    )
     rank_weights: list[float] = Field(
-        default_factory=list, description="Further L_rank weights b to ablate, besides 0 and the profile's own (the full run)"
+        default_factory=list,
+        description="Further L_rank weights b to ablate, besides 0 and the profile's own (the full run)",
     )
     unlabelled_samples: int = Field(
-        0, ge=0, description="Beyond the recipe, on the ablation tasks: the full run plus this many teacher-labelled in-domain texts (0: not run)"
+        0,
+        ge=0,
+        description=(
+            "Beyond the recipe, on the ablation tasks: the full run plus this many teacher-labelled in-domain texts "
+            "(0: not run)"
+        ),
     )
     job: dict[str, Any] = Field(default_factory=dict, description="Job-spec mapping applied to every pipeline run")
     task_job: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="Per task name, a job-spec mapping applied over `job` (e.g. longer generation for pair tasks)"
+        default_factory=dict,
+        description="Per task name, a job-spec mapping applied over `job` (e.g. longer generation for pair tasks)",
     )
-    baselines: BaselineSettings = Field(default_factory=BaselineSettings, description="Budgets of the student-alone baselines")
+    baselines: BaselineSettings = Field(
+        default_factory=BaselineSettings, description="Budgets of the student-alone baselines"
+    )
 
     @model_validator(mode="after")
     def _task_job_names_profile_tasks(self):
@@ -109,16 +120,26 @@ def method_labels(profile: Profile) -> dict[str, str]:
     """Row order of the table with each method's label: METHODS, then the profile's own ablations."""
     labels = dict(METHODS)
     labels.update({rank_method(weight): f"ablation: L_rank weight b = {weight:g}" for weight in profile.rank_weights})
-    labels.update({fraction_method(fraction): f"ablation: store {fraction * 100:g}%" for fraction in profile.store_fractions})
+    labels.update(
+        {fraction_method(fraction): f"ablation: store {fraction * 100:g}%" for fraction in profile.store_fractions}
+    )
     if profile.unlabelled_samples:
-        labels[UNLABELLED] = f"beyond the recipe: full recipe + {profile.unlabelled_samples} unlabelled in-domain texts, labelled by the teacher"
+        labels[UNLABELLED] = (
+            f"beyond the recipe: full recipe + {profile.unlabelled_samples} unlabelled in-domain texts, "
+            "labelled by the teacher"
+        )
     return labels
 
 
 def variant_specs(profile: Profile, profile_name: str, task: str, seed: int, runs_dir: Path) -> dict[str, JobSpec]:
-    """The pipeline runs of one task and seed: full, ZeroGen-style, no L_rank, and (on ablation tasks) the other ablations."""
+    """The pipeline runs of one task and seed: full, ZeroGen-style, no L_rank, and (on ablation tasks) the other
+    ablations."""
     # No L_rank runs on every task: it reruns only the student and evaluate stages.
-    changes: dict[str, dict] = {"full": {}, "zerogen": {"student": {"lam": 0.0, "b": 0.0}}, "no_rank": {"student": {"b": 0.0}}}
+    changes: dict[str, dict] = {
+        "full": {},
+        "zerogen": {"student": {"lam": 0.0, "b": 0.0}},
+        "no_rank": {"student": {"b": 0.0}},
+    }
     if task in profile.ablation_tasks:
         changes["no_ppo"] = {"ppo": {"enabled": False}}
         for weight in profile.rank_weights:
@@ -184,12 +205,16 @@ def describe_store_on_labelled(extra: dict) -> str:
     measured = extra.get("store_on_labelled")
     if not measured:
         return "-"
-    line = f"{100 * measured['retrieval_accuracy']:.0f}% ({100 * measured['majority_share']:.0f}%) of {measured['examples']}"
+    line = (
+        f"{100 * measured['retrieval_accuracy']:.0f}% ({100 * measured['majority_share']:.0f}%) "
+        f"of {measured['examples']}"
+    )
     return line + (": retrieval gated off, head alone" if extra.get("student_lam") == 0 else "")
 
 
 def targets(table: dict, tasks: list[str]) -> dict[str, Any]:
     """The issue's targets, checked on the means."""
+
     def mean(task, method):
         return table.get(task, {}).get(method, {}).get("mean")
 
@@ -220,9 +245,20 @@ def plot_accuracy(table: dict, tasks: list[str], labels: dict[str, str], path: P
     for index, method in enumerate(methods):
         summaries = [table.get(task, {}).get(method) for task in tasks]
         means = [100 * s["mean"] if s else np.nan for s in summaries]
-        errors = [[100 * (s["mean"] - s["min"]) if s else 0 for s in summaries], [100 * (s["max"] - s["mean"]) if s else 0 for s in summaries]]
+        errors = [
+            [100 * (s["mean"] - s["min"]) if s else 0 for s in summaries],
+            [100 * (s["max"] - s["mean"]) if s else 0 for s in summaries],
+        ]
         offset = (index - (len(methods) - 1) / 2) * width
-        axis.bar(np.arange(len(tasks)) + offset, means, width, yerr=errors, capsize=2, label=method, color=plt.cm.tab20(index % 20))
+        axis.bar(
+            np.arange(len(tasks)) + offset,
+            means,
+            width,
+            yerr=errors,
+            capsize=2,
+            label=method,
+            color=plt.cm.tab20(index % 20),
+        )
     axis.set_xticks(np.arange(len(tasks)), tasks)
     axis.set_ylabel("dev accuracy (%)")
     axis.set_title("accuracy per method per task (mean, min-max over seeds)")
@@ -297,7 +333,9 @@ class Cells:
         return any((c["task"], c["seed"], c["method"]) == (task, seed, method) for c in self.cells)
 
     def add(self, task: str, seed: int, method: str, accuracy: float, seconds: float) -> None:
-        self.cells.append({"task": task, "seed": seed, "method": method, "accuracy": float(accuracy), "seconds": round(seconds, 1)})
+        self.cells.append(
+            {"task": task, "seed": seed, "method": method, "accuracy": float(accuracy), "seconds": round(seconds, 1)}
+        )
         print(f"[quality] {task} seed {seed} {method}: {accuracy:.3f} ({seconds:.0f}s)", flush=True)
         if self.write_hook:
             self.write_hook()
@@ -325,14 +363,26 @@ def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int
         cells.add(task_name, seed, method, score(), time.perf_counter() - started)
 
     settings = profile.baselines
-    cell("student_finetuned", lambda: accuracy(gold, baselines.head_predictions(task, baselines.finetune_student(full, task, few_shot, settings), dev)))
-    cell("student_linear_probe", lambda: accuracy(gold, baselines.head_predictions(task, baselines.linear_probe(full, task, few_shot, settings), dev)))
+    cell(
+        "student_finetuned",
+        lambda: accuracy(
+            gold, baselines.head_predictions(task, baselines.finetune_student(full, task, few_shot, settings), dev)
+        ),
+    )
+    cell(
+        "student_linear_probe",
+        lambda: accuracy(
+            gold, baselines.head_predictions(task, baselines.linear_probe(full, task, few_shot, settings), dev)
+        ),
+    )
     cell("student_setfit", lambda: accuracy(gold, baselines.setfit_student(full, task, few_shot, dev, settings)))
 
     run_dirs: dict[str, Path] = {}
 
     def pipeline_metrics(variant: str) -> dict:
-        run_dirs[variant] = run(specs[variant], log=lambda line: print(f"[{task_name} s{seed} {variant}] {line}", flush=True))
+        run_dirs[variant] = run(
+            specs[variant], log=lambda line: print(f"[{task_name} s{seed} {variant}] {line}", flush=True)
+        )
         return read_manifest(run_dirs[variant] / "evaluate")["metrics"]
 
     full_metrics: dict = {}
@@ -345,13 +395,20 @@ def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int
     cell("retrikt", lambda: full_cell("accuracy_student_store"))
     cell("retrikt_head_alone", lambda: full_cell("accuracy_student_head"))
     cell("teacher_zero_shot", lambda: full_cell("accuracy_teacher_zero_shot"))
-    cell("teacher_tuned_prompt", lambda: tuned_prompt_accuracy(full, task, dev, gold, run_dirs.get("full") or run(full, log=print), settings))
+    cell(
+        "teacher_tuned_prompt",
+        lambda: tuned_prompt_accuracy(full, task, dev, gold, run_dirs.get("full") or run(full, log=print), settings),
+    )
     cell("zerogen", lambda: pipeline_metrics("zerogen")["accuracy_student_head"])
     cell("retrikt_no_rank", lambda: pipeline_metrics("no_rank")["accuracy_student_store"])
     if task_name in profile.ablation_tasks:
         cell("retrikt_no_ppo", lambda: pipeline_metrics("no_ppo")["accuracy_student_store"])
         extension = [UNLABELLED] if profile.unlabelled_samples else []
-        for method in [*map(rank_method, profile.rank_weights), *map(fraction_method, profile.store_fractions), *extension]:
+        for method in [
+            *map(rank_method, profile.rank_weights),
+            *map(fraction_method, profile.store_fractions),
+            *extension,
+        ]:
             variant = method.removeprefix("retrikt_")
             cell(method, lambda variant=variant: pipeline_metrics(variant)["accuracy_student_store"])
 
@@ -361,13 +418,25 @@ def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int
         evaluation, ppo = read_manifest(full_dir / "evaluate")["metrics"], read_manifest(full_dir / "ppo")["metrics"]
         trained = read_manifest(full_dir / "student")["metrics"]
         extra = {
-            "ppo_rollouts": {name: {k: ppo[name][k] for k in ("consistency_rate", "distinct_2", "mean_max_cos")} for name in ("before", "after")} if ppo.get("history") else None,
+            "ppo_rollouts": {
+                name: {k: ppo[name][k] for k in ("consistency_rate", "distinct_2", "mean_max_cos")}
+                for name in ("before", "after")
+            }
+            if ppo.get("history")
+            else None,
             "ppo_history": ppo.get("history"),
             "ppo_kept_stage1_prompt": ppo.get("kept_stage1_prompt", False),
             "store_on_labelled": trained.get("retrieval_labelled"),
             "student_lam": trained.get("lam"),
-            "parameters": {"teacher": evaluation.get("params_teacher"), "student": evaluation["params_student"], "store_rows": evaluation["store_rows"]},
-            "cpu_ms_per_example": {"teacher": evaluation.get("ms_per_example_teacher"), "student_store": evaluation["ms_per_example_student_store"]},
+            "parameters": {
+                "teacher": evaluation.get("params_teacher"),
+                "student": evaluation["params_student"],
+                "store_rows": evaluation["store_rows"],
+            },
+            "cpu_ms_per_example": {
+                "teacher": evaluation.get("ms_per_example_teacher"),
+                "student_store": evaluation["ms_per_example_student_store"],
+            },
             "dev_examples": evaluation["dev_examples"],
         }
         pools = {"after_ppo": full_dir}
@@ -388,7 +457,9 @@ def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int
             cells.write_hook()
 
 
-def tuned_prompt_accuracy(spec: JobSpec, task, dev, gold: np.ndarray, run_dir: Path, settings: BaselineSettings) -> float:
+def tuned_prompt_accuracy(
+    spec: JobSpec, task, dev, gold: np.ndarray, run_dir: Path, settings: BaselineSettings
+) -> float:
     """The teacher with the stage-1 soft prompt as a generative classifier, calibrated on the dev pool."""
     from safetensors.torch import load_file
 
@@ -419,7 +490,9 @@ def write_results(out: Path, profile_name: str, profile: Profile, cells: Cells, 
     out.with_suffix(".md").write_text(markdown(results, profile, out.name))
     plot_accuracy(table, profile.tasks, method_labels(profile), out.parent / f"{out.name}_accuracy.png")
     if profile.ablation_tasks:
-        plot_store_size(table, profile.store_fractions, profile.ablation_tasks[0], out.parent / f"{out.name}_store_size.png")
+        plot_store_size(
+            table, profile.store_fractions, profile.ablation_tasks[0], out.parent / f"{out.name}_store_size.png"
+        )
     histories = {key: extra["ppo_history"] for key, extra in cells.extras.items() if extra.get("ppo_history")}
     if histories:
         plot_ppo(histories, out.parent / f"{out.name}_ppo.png")
@@ -440,32 +513,61 @@ def markdown(results: dict, profile: Profile, stem: str) -> str:
     ]
     for method, label in method_labels(profile).items():
         if any(method in table.get(task, {}) for task in tasks):
-            lines.append(f"| {label} | " + " | ".join(format_cell(table.get(task, {}).get(method)) for task in tasks) + " |")
+            lines.append(
+                f"| {label} | " + " | ".join(format_cell(table.get(task, {}).get(method)) for task in tasks) + " |"
+            )
     seeds = {task: sorted({seed for s in table.get(task, {}).values() for seed in s["seeds"]}) for task in tasks}
     lines += ["", "Seeds finished: " + ", ".join(f"{task} {seeds[task]}" for task in tasks), ""]
-    lines += ["## Targets (on the means)", "", *[f"- {name}: {'met' if met else 'NOT met'}" for name, met in results["targets"].items()], ""]
+    lines += [
+        "## Targets (on the means)",
+        "",
+        *[f"- {name}: {'met' if met else 'NOT met'}" for name, met in results["targets"].items()],
+        "",
+    ]
     lines += [
         "## Generated samples and PPO",
         "",
-        "| task / seed | PPO, same fixed draws: label consistency stage-1 -> final prompt | distinct-2 stage-1 -> final | pool: teacher agreement (kept of generated) | pool distinct-2 | store's soft labels on the labelled examples (majority label) |",
+        "| task / seed | PPO, same fixed draws: label consistency stage-1 -> final prompt | "
+        "distinct-2 stage-1 -> final | pool: teacher agreement (kept of generated) | pool distinct-2 | "
+        "store's soft labels on the labelled examples (majority label) |",
         "|---|---|---|---|---|---|",
     ]
     for key, extra in sorted(results["extras"].items()):
         rollouts = extra.get("ppo_rollouts")
-        consistency = f"{rollouts['before']['consistency_rate']:.2f} -> {rollouts['after']['consistency_rate']:.2f}" if rollouts else "-"
+        consistency = (
+            f"{rollouts['before']['consistency_rate']:.2f} -> {rollouts['after']['consistency_rate']:.2f}"
+            if rollouts
+            else "-"
+        )
         if extra.get("ppo_kept_stage1_prompt"):
             consistency += " (final prompt scored lower: stage-1 prompt kept)"
-        diversity = f"{rollouts['before']['distinct_2']:.2f} -> {rollouts['after']['distinct_2']:.2f}" if rollouts else "-"
+        diversity = (
+            f"{rollouts['before']['distinct_2']:.2f} -> {rollouts['after']['distinct_2']:.2f}" if rollouts else "-"
+        )
         pools = extra["generated_pool"]
-        agreement = " vs ".join(f"{name} {pool['teacher_agreement']:.2f} ({pool['kept']} of {pool['generated']})" for name, pool in pools.items())
+        agreement = " vs ".join(
+            f"{name} {pool['teacher_agreement']:.2f} ({pool['kept']} of {pool['generated']})"
+            for name, pool in pools.items()
+        )
         distinct = " vs ".join(f"{name} {pool['distinct_2']:.2f}" for name, pool in pools.items())
-        lines.append(f"| {key} | {consistency} | {diversity} | {agreement} | {distinct} | {describe_store_on_labelled(extra)} |")
-    lines += ["", "## Size and CPU latency (one example at a time)", "", "| task / seed | teacher params | teacher ms | student params + store rows | student+store ms |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {key} | {consistency} | {diversity} | {agreement} | {distinct} | {describe_store_on_labelled(extra)} |"
+        )
+    lines += [
+        "",
+        "## Size and CPU latency (one example at a time)",
+        "",
+        "| task / seed | teacher params | teacher ms | student params + store rows | student+store ms |",
+        "|---|---|---|---|---|",
+    ]
     for key, extra in sorted(results["extras"].items()):
         params, latency = extra["parameters"], extra["cpu_ms_per_example"]
         teacher_params = f"{params['teacher']:,}" if params["teacher"] else "-"
         teacher_ms = f"{latency['teacher']:.1f}" if latency["teacher"] else "-"
-        lines.append(f"| {key} | {teacher_params} | {teacher_ms} | {params['student']:,} + {params['store_rows']:,} | {latency['student_store']:.1f} |")
+        lines.append(
+            f"| {key} | {teacher_params} | {teacher_ms} | {params['student']:,} + {params['store_rows']:,} | "
+            f"{latency['student_store']:.1f} |"
+        )
     lines += [
         "",
         f"Plots: `{stem}_accuracy.png` (accuracy per method per task), `{stem}_store_size.png` (SST-2 accuracy",
@@ -483,7 +585,9 @@ def selection(option: str, chosen: list | None, available: list) -> list:
         return list(available)
     unknown = [item for item in chosen if item not in available]
     if unknown:
-        raise SystemExit(f"{option}: {', '.join(map(str, unknown))} not in the profile (one of {', '.join(map(str, available))})")
+        raise SystemExit(
+            f"{option}: {', '.join(map(str, unknown))} not in the profile (one of {', '.join(map(str, available))})"
+        )
     return [item for item in available if item in chosen]
 
 
@@ -495,7 +599,9 @@ def main() -> None:
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "quality"))
     parser.add_argument("--tasks", nargs="+", help="Run only these of the profile's tasks (the table still lists all)")
     parser.add_argument("--seeds", nargs="+", type=int, help="Run only these of the profile's seeds")
-    parser.add_argument("--report-only", action="store_true", help="Rewrite the table and plots from the results JSON; run nothing")
+    parser.add_argument(
+        "--report-only", action="store_true", help="Rewrite the table and plots from the results JSON; run nothing"
+    )
     args = parser.parse_args()
 
     profile = load_profile(Path(args.budgets), args.profile)

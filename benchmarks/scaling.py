@@ -8,8 +8,9 @@ Ray. One full run first makes the upstream stages and warms the caches; then, fo
 - generation: the generate stage re-run from no shards with a fixed pool of N teacher replicas
   (1 CPU each); tokens/s of its generation pass (replica start-up included), from its manifest.
 - student training: the student stage run with N Ray Train workers (1 CPU each), under DeepSpeed ZeRO 0
-  and ZeRO 2, for a short and a long number of epochs; examples/s = extra examples / extra seconds, so Ray Train's fixed start-up cost
-  (about 25 s) cancels out. An epoch includes re-encoding the store's keys, which every worker does.
+  and ZeRO 2, for a short and a long number of epochs; examples/s = extra examples / extra seconds, so
+  Ray Train's fixed start-up cost (about 25 s) cancels out. An epoch includes re-encoding the store's
+  keys, which every worker does.
 A GPU row is recorded only when this machine has a GPU.
 """
 
@@ -99,8 +100,12 @@ def measure_training(spec: JobSpec, workers: int, epochs: tuple[int, int], zero_
         "workers": workers,
         "zero_stage": zero_stage,
         "runs": {str(count): run for count, run in runs.items()},
-        "examples_per_s": round((long["examples"] - short["examples"]) / extra_seconds, 2) if extra_seconds > 0 else None,
-        "worker_nodes": read_manifest(run_dir_for(with_resources(spec, workers, epochs[1], zero_stage)) / "student")["metrics"]["worker_nodes"],
+        "examples_per_s": round((long["examples"] - short["examples"]) / extra_seconds, 2)
+        if extra_seconds > 0
+        else None,
+        "worker_nodes": read_manifest(run_dir_for(with_resources(spec, workers, epochs[1], zero_stage)) / "student")[
+            "metrics"
+        ]["worker_nodes"],
     }
 
 
@@ -126,7 +131,9 @@ def main() -> None:
         "student": spec.student.model,
         "device": "cpu",
         "generation": [measure_generation(spec, workers) for workers in args.workers],
-        "training": [measure_training(spec, workers, tuple(args.epochs), zero) for zero in args.zero for workers in args.workers],
+        "training": [
+            measure_training(spec, workers, tuple(args.epochs), zero) for zero in args.zero for workers in args.workers
+        ],
         "gpu": "measured on a GPU machine: not run here" if torch.cuda.is_available() else "not run: no GPU lent",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         # Other processes on the machine change every figure above: the 1-minute load average says how busy it was.
@@ -153,7 +160,8 @@ def markdown(results: dict) -> str:
         "| work | workers | throughput | vs 1 worker (ZeRO 0) | measured over |",
         "|---|---|---|---|---|",
         *[
-            f"| generation (CPU) | {row['workers']} | {row['tokens_per_s']:.1f} tokens/s | {speedup(generation, 'tokens_per_s', row)} "
+            f"| generation (CPU) | {row['workers']} | {row['tokens_per_s']:.1f} tokens/s | "
+            f"{speedup(generation, 'tokens_per_s', row)} "
             f"| {row['tokens']} tokens in {row['seconds']:.1f} s |"
             for row in generation
         ],
@@ -161,7 +169,10 @@ def markdown(results: dict) -> str:
             f"| student training (CPU), ZeRO {row['zero_stage']} | {row['workers']} | "
             + (f"{row['examples_per_s']:.1f} examples/s" if row["examples_per_s"] else "not measurable")
             + f" | {speedup(training, 'examples_per_s', row)} | "
-            + ", ".join(f"{epochs} epochs: {run['examples']} examples in {run['seconds']:.1f} s" for epochs, run in row["runs"].items())
+            + ", ".join(
+                f"{epochs} epochs: {run['examples']} examples in {run['seconds']:.1f} s"
+                for epochs, run in row["runs"].items()
+            )
             + " |"
             for row in training
         ],

@@ -42,7 +42,12 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients, each waiting for its answer")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the measured load")
-    parser.add_argument("--warmup-seconds", type=float, default=45.0, help="unmeasured load first; Serve adds a replica after 30 s above target")
+    parser.add_argument(
+        "--warmup-seconds",
+        type=float,
+        default=45.0,
+        help="unmeasured load first; Serve adds a replica after 30 s above target",
+    )
     parser.add_argument("--inputs-per-request", type=int, default=4)
     parser.add_argument("--teacher-examples", type=int, default=64)
     parser.add_argument("--out", default="benchmarks/results/serve")
@@ -96,7 +101,12 @@ def in_process_student(run_dir: Path, examples) -> dict:
     started = time.perf_counter()
     predictor.results(examples, [False] * len(examples))
     seconds = time.perf_counter() - started
-    return {"examples": len(examples), "batch_size": predictor.batch_size, "seconds": seconds, "examples_per_second": len(examples) / seconds}
+    return {
+        "examples": len(examples),
+        "batch_size": predictor.batch_size,
+        "seconds": seconds,
+        "examples_per_second": len(examples) / seconds,
+    }
 
 
 def in_process_teacher(spec, task, examples) -> dict:
@@ -109,7 +119,12 @@ def in_process_teacher(spec, task, examples) -> dict:
     started = time.perf_counter()
     teacher.classify_raw(examples, batch_size)
     seconds = time.perf_counter() - started
-    return {"examples": len(examples), "batch_size": batch_size, "seconds": seconds, "examples_per_second": len(examples) / seconds}
+    return {
+        "examples": len(examples),
+        "batch_size": batch_size,
+        "seconds": seconds,
+        "examples_per_second": len(examples) / seconds,
+    }
 
 
 def drive_endpoint(args, spec, texts: list[str]) -> dict:
@@ -148,7 +163,9 @@ def drive_endpoint(args, spec, texts: list[str]) -> dict:
         "warmup_errors": warmup["errors"],
         "requests_per_second": ok / measured["seconds"],
         "examples_per_second": ok * args.inputs_per_request / measured["seconds"],
-        "latency_ms": {name: float(np.percentile(latencies, q)) for name, q in (("p50", 50), ("p95", 95), ("p99", 99))} if ok else None,
+        "latency_ms": {name: float(np.percentile(latencies, q)) for name, q in (("p50", 50), ("p95", 95), ("p99", 99))}
+        if ok
+        else None,
         "replicas_over_time": replicas,
     }
 
@@ -189,7 +206,12 @@ async def load(url: str, token: str | None, texts: list[str], clients: int, seco
     started = time.monotonic()
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=clients)) as session:
         await asyncio.gather(*(client(number, session) for number in range(clients)))
-    return {"latencies": latencies, "errors": sum(error_kinds.values()), "error_kinds": error_kinds, "seconds": time.monotonic() - started}
+    return {
+        "latencies": latencies,
+        "errors": sum(error_kinds.values()),
+        "error_kinds": error_kinds,
+        "seconds": time.monotonic() - started,
+    }
 
 
 def changes(series: list) -> list:
@@ -198,7 +220,11 @@ def changes(series: list) -> list:
 
 
 def markdown(results: dict) -> str:
-    endpoint, ceiling, teacher = results["endpoint"], results["in_process"]["student_store"], results["in_process"]["teacher"]
+    endpoint, ceiling, teacher = (
+        results["endpoint"],
+        results["in_process"]["student_store"],
+        results["in_process"]["teacher"],
+    )
     load, serve_settings, ratios = results["load"], results["serve"], results["ratios"]
     latency = endpoint["latency_ms"] or {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
     replicas = "; ".join(f"{count} from {at:.0f} s" for at, count in changes(endpoint["replicas_over_time"]))
@@ -206,17 +232,25 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Serving: {results['task']}, {results['student']} + store behind Ray Serve on 127.0.0.1",
         "",
-        f"Load: {load['clients']} concurrent clients for {load['seconds']:.0f} s (after {load['warmup_seconds']:.0f} s of warm-up), "
-        f"{load['inputs_per_request']} inputs per request. Serving: batches of up to {serve_settings['batch_max_size']} requests "
-        f"(wait {serve_settings['batch_wait_timeout_s'] * 1000:.0f} ms), {serve_settings['min_replicas']}-{serve_settings['max_replicas']} "
-        f"replicas of {serve_settings['num_cpus']:g} CPU, target {serve_settings['target_ongoing_requests']:g} ongoing requests each.",
+        f"Load: {load['clients']} concurrent clients for {load['seconds']:.0f} s "
+        f"(after {load['warmup_seconds']:.0f} s of warm-up), "
+        f"{load['inputs_per_request']} inputs per request. "
+        f"Serving: batches of up to {serve_settings['batch_max_size']} requests "
+        f"(wait {serve_settings['batch_wait_timeout_s'] * 1000:.0f} ms), "
+        f"{serve_settings['min_replicas']}-{serve_settings['max_replicas']} "
+        f"replicas of {serve_settings['num_cpus']:g} CPU, "
+        f"target {serve_settings['target_ongoing_requests']:g} ongoing requests each.",
         "",
         "| | examples / s | requests / s | p50 ms | p95 ms | p99 ms | errors |",
         "|---|---|---|---|---|---|---|",
-        f"| endpoint (HTTP, token, Serve) | {endpoint['examples_per_second']:.1f} | {endpoint['requests_per_second']:.1f} | "
-        f"{latency['p50']:.1f} | {latency['p95']:.1f} | {latency['p99']:.1f} | {endpoint['errors']} of {endpoint['requests']} |",
-        f"| student + store in-process (ceiling, batches of {ceiling['batch_size']}) | {ceiling['examples_per_second']:.1f} | | | | | |",
-        f"| teacher zero-shot in-process (batches of {teacher['batch_size']}) | {teacher['examples_per_second']:.1f} | | | | | |",
+        f"| endpoint (HTTP, token, Serve) | {endpoint['examples_per_second']:.1f} | "
+        f"{endpoint['requests_per_second']:.1f} | "
+        f"{latency['p50']:.1f} | {latency['p95']:.1f} | {latency['p99']:.1f} | "
+        f"{endpoint['errors']} of {endpoint['requests']} |",
+        f"| student + store in-process (ceiling, batches of {ceiling['batch_size']}) | "
+        f"{ceiling['examples_per_second']:.1f} | | | | | |",
+        f"| teacher zero-shot in-process (batches of {teacher['batch_size']}) | "
+        f"{teacher['examples_per_second']:.1f} | | | | | |",
         "",
         f"StudentStore replicas running: {replicas} (measured from {load['warmup_seconds']:.0f} s to "
         f"{load['warmup_seconds'] + load['seconds']:.0f} s; `replicas_over_time` in the JSON has every second).",
@@ -224,10 +258,13 @@ def markdown(results: dict) -> str:
         "| target | measured | |",
         "|---|---|---|",
         f"| zero errors | {endpoint['errors']} | {mark[results['targets_met']['zero_errors']]} |",
-        f"| endpoint >= 50% of the in-process ceiling | {ratios['endpoint_over_ceiling']:.0%} | {mark[results['targets_met']['endpoint_at_least_half_the_ceiling']]} |",
-        f"| student + store >= 10x the teacher | {ratios['student_store_over_teacher']:.1f}x | {mark[results['targets_met']['student_store_at_least_10x_teacher']]} |",
+        f"| endpoint >= 50% of the in-process ceiling | {ratios['endpoint_over_ceiling']:.0%} | "
+        f"{mark[results['targets_met']['endpoint_at_least_half_the_ceiling']]} |",
+        f"| student + store >= 10x the teacher | {ratios['student_store_over_teacher']:.1f}x | "
+        f"{mark[results['targets_met']['student_store_at_least_10x_teacher']]} |",
         "",
-        f"Machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}. The load generator shares the CPUs with the server.",
+        f"Machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}. "
+        "The load generator shares the CPUs with the server.",
         "",
     ]
     return "\n".join(lines)

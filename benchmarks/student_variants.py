@@ -39,14 +39,30 @@ def mcnemar_exact(only_first: int, only_second: int) -> float:
 def paired(baseline: np.ndarray, variant: np.ndarray) -> dict:
     """Rows only the baseline gets right, only the variant gets right, and the McNemar p-value."""
     only_baseline, only_variant = int((baseline & ~variant).sum()), int((~baseline & variant).sum())
-    return {"only_baseline_right": only_baseline, "only_variant_right": only_variant, "p_value": mcnemar_exact(only_baseline, only_variant)}
+    return {
+        "only_baseline_right": only_baseline,
+        "only_variant_right": only_variant,
+        "p_value": mcnemar_exact(only_baseline, only_variant),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="A run directory whose stages have finished (its job.yaml is the base)")
-    parser.add_argument("--variants", type=Path, default=REPO / "benchmarks" / "student_variants.yaml", help="name: [section.field=value, ...]; the first is the baseline")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "student_variants", help="Results path without suffix")
+    parser.add_argument(
+        "--run", type=Path, required=True, help="A run directory whose stages have finished (its job.yaml is the base)"
+    )
+    parser.add_argument(
+        "--variants",
+        type=Path,
+        default=REPO / "benchmarks" / "student_variants.yaml",
+        help="name: [section.field=value, ...]; the first is the baseline",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "benchmarks" / "results" / "student_variants",
+        help="Results path without suffix",
+    )
     args = parser.parse_args()
 
     import pandas as pd
@@ -61,7 +77,10 @@ def main() -> None:
     rows, correct = [], {}
     for name, overrides in variants.items():
         try:
-            spec = load_spec(args.run / "job.yaml", [*overrides, f"name={base.name}-{name}", f"storage.runs_dir={args.run.resolve().parent}"])
+            spec = load_spec(
+                args.run / "job.yaml",
+                [*overrides, f"name={base.name}-{name}", f"storage.runs_dir={args.run.resolve().parent}"],
+            )
         except SpecError as error:
             sys.exit(f"{args.variants}: variant {name}: {error}")
         run_dir = run(spec, log=lambda line, name=name: print(f"[{name}] {line}", flush=True))
@@ -80,14 +99,23 @@ def main() -> None:
                 "run": run_dir.name,
                 "pool_teacher_agrees_with_intended_label": 1 - pool["teacher_disagrees"] / annotated,
                 "store_rows": metrics["store_rows"],
-                **{key: metrics[key] for key in ("accuracy_student_store", "accuracy_student_head", "accuracy_retrieval_only")},
+                **{
+                    key: metrics[key]
+                    for key in ("accuracy_student_store", "accuracy_student_head", "accuracy_retrieval_only")
+                },
                 "teacher_agreement": agreement,
                 "last_epoch": {key: last[key] for key in ("kd", "ce", "rank")},
                 "against_baseline": None if name == baseline else paired(correct[baseline], correct[name]),
             }
         )
         print(rows[-1], flush=True)
-    settings = {"run": args.run.name, "task": base.task.name, "teacher": base.teacher.model, "student": base.student.model, "dev_examples": len(next(iter(correct.values())))}
+    settings = {
+        "run": args.run.name,
+        "task": base.task.name,
+        "teacher": base.teacher.model,
+        "student": base.student.model,
+        "dev_examples": len(next(iter(correct.values()))),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(rows, settings))
@@ -99,22 +127,34 @@ def markdown(rows: list[dict], settings: dict) -> str:
     lines = [
         f"# Variants of `{settings['run']}`",
         "",
-        f"{settings['task']}, all {settings['dev_examples']} dev rows; teacher {settings['teacher']}, student {settings['student']}. "
-        f"Each variant reruns the stages its overrides reach (student fields: the student and evaluate stages on the run's store) and reuses the earlier ones by hash. The last columns compare each variant "
+        f"{settings['task']}, all {settings['dev_examples']} dev rows; "
+        f"teacher {settings['teacher']}, student {settings['student']}. "
+        "Each variant reruns the stages its overrides reach "
+        "(student fields: the student and evaluate stages on the run's store) and reuses the earlier ones by hash. "
+        "The last columns compare each variant "
         f"with `{baseline}` row by row: rows only one of the two gets right, and the exact McNemar p-value. "
         "'pool labels': the share of the generated samples whose teacher label is the label they were generated for; "
-        "'agrees with teacher': the dev rows on which student+store answers what the teacher's calibrated zero-shot classifier answers.",
+        "'agrees with teacher': the dev rows on which student+store answers what the teacher's calibrated "
+        "zero-shot classifier answers.",
         "",
-        "| variant | overrides | pool labels | store rows | student+store | head alone | retrieval alone | agrees with teacher | last epoch kd / ce / rank | only baseline right / only variant right | p |",
+        "| variant | overrides | pool labels | store rows | student+store | head alone | retrieval alone | "
+        "agrees with teacher | last epoch kd / ce / rank | only baseline right / only variant right | p |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        paired_cells = "- | -" if row["against_baseline"] is None else "{only_baseline_right} / {only_variant_right} | {p_value:.3f}".format(**row["against_baseline"])
+        paired_cells = (
+            "- | -"
+            if row["against_baseline"] is None
+            else "{only_baseline_right} / {only_variant_right} | {p_value:.3f}".format(**row["against_baseline"])
+        )
         last = row["last_epoch"]
         agreement = "-" if row["teacher_agreement"] is None else f"{100 * row['teacher_agreement']:.1f}"
         lines.append(
-            f"| {row['variant']} | {' '.join(f'`{override}`' for override in row['overrides']) or 'as run'} | {100 * row['pool_teacher_agrees_with_intended_label']:.1f} | {row['store_rows']} | {100 * row['accuracy_student_store']:.1f} | "
-            f"{100 * row['accuracy_student_head']:.1f} | {100 * row['accuracy_retrieval_only']:.1f} | {agreement} | {last['kd']:.3f} / {last['ce']:.3f} / {last['rank']:.3f} | {paired_cells} |"
+            f"| {row['variant']} | {' '.join(f'`{override}`' for override in row['overrides']) or 'as run'} | "
+            f"{100 * row['pool_teacher_agrees_with_intended_label']:.1f} | {row['store_rows']} | "
+            f"{100 * row['accuracy_student_store']:.1f} | "
+            f"{100 * row['accuracy_student_head']:.1f} | {100 * row['accuracy_retrieval_only']:.1f} | {agreement} | "
+            f"{last['kd']:.3f} / {last['ce']:.3f} / {last['rank']:.3f} | {paired_cells} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,6 @@
 """The teacher's speed against this machine's bounds: the previous path and the engine, in one run.
 
-    .venv/bin/python benchmarks/teacher_speed.py --before-ref 125e2af   # all of it, the demo twice (about an hour on 2 cores)
+    .venv/bin/python benchmarks/teacher_speed.py --before-ref 125e2af   # all of it, the demo twice (1 h on 2 cores)
     .venv/bin/python benchmarks/teacher_speed.py --skip-demo             # the in-process measurements only
 
 In one run, one after the other, on the packaged SmolLM2-135M teacher with the demo's settings (jobs/demo.yaml):
@@ -67,17 +67,23 @@ def in_layout(task_name: str, processes: int, threads: int, **kwargs) -> dict:
     results and the sum of their work over the longest one's time."""
     context = multiprocessing.get_context("spawn")
     barrier, queue = context.Barrier(processes), context.Queue()
-    workers = [context.Process(target=worker, args=(task_name, kwargs, threads, barrier, queue)) for _ in range(processes)]
+    workers = [
+        context.Process(target=worker, args=(task_name, kwargs, threads, barrier, queue)) for _ in range(processes)
+    ]
     for process in workers:
         process.start()
     results = [queue.get() for _ in workers]
     for process in workers:
         process.join()
     seconds = max(result["seconds"] for result in results)
-    work = {key: sum(result[key] for result in results) for key in ("tokens", "samples", "examples") if key in results[0]}
+    work = {
+        key: sum(result[key] for result in results) for key in ("tokens", "samples", "examples") if key in results[0]
+    }
     return {
         "layout": f"{processes}x{threads}",
-        "per_process": [{key: value for key, value in result.items() if key not in ("probs", "states")} for result in results],
+        "per_process": [
+            {key: value for key, value in result.items() if key not in ("probs", "states")} for result in results
+        ],
         "seconds": seconds,
         **{f"{key}_per_s": value / seconds for key, value in work.items()},
         **({"probs": results[0]["probs"]} if "probs" in results[0] else {}),
@@ -144,7 +150,6 @@ def measure_prefill(dtype: str, shape: tuple[int, int], prepare=False, prepared=
 
 def measure_decode(dtype: str, batch: int, prepare=False, prepared=None) -> dict:
     """Pure decoding: `batch` rows of 48 tokens each, no stop token."""
-    import torch
 
     from retrikt_ray.engine import SamplingParams, row_seeds
 
@@ -154,14 +159,15 @@ def measure_decode(dtype: str, batch: int, prepare=False, prepared=None) -> dict
         teacher.engine.generate(prompt, row_seeds(0, 4), SamplingParams(4, (-1,), 0.95), 0, 4)
         return teacher, prompt, spec
     teacher, prompt, spec = prepared
-    params = SamplingParams(spec.ppo.max_new_tokens, (-1,), spec.generate.top_p, spec.generate.temperature, top_k=spec.generate.top_k)
+    params = SamplingParams(
+        spec.ppo.max_new_tokens, (-1,), spec.generate.top_p, spec.generate.temperature, top_k=spec.generate.top_k
+    )
     generation = teacher.engine.generate(prompt, row_seeds(1, batch), params, teacher.tokenizer.pad_token_id, batch)
     return {"tokens": int(generation.lengths.sum()), "samples": batch}
 
 
 def measure_generation(path: str, dtype: str, samples: int, batch_size: int, prepare=False, prepared=None) -> dict:
     """The generate stage's work at the demo's settings, `samples` per label: the engine or the previous path."""
-    import torch
 
     if prepare:
         spec, teacher = load_teacher(dtype)
@@ -171,10 +177,16 @@ def measure_generation(path: str, dtype: str, samples: int, batch_size: int, pre
     teacher, spec, soft_prompt = prepared
     tokens, texts = 0, []
     for label in range(teacher.task.num_labels):
-        new_tokens, new_texts = generate_with(path, teacher, spec, soft_prompt, samples, batch_size, seed=1 + label, label=label)
+        new_tokens, new_texts = generate_with(
+            path, teacher, spec, soft_prompt, samples, batch_size, seed=1 + label, label=label
+        )
         tokens += new_tokens
         texts += new_texts
-    return {"tokens": tokens, "samples": len(texts), "parsed": sum(teacher.task.parse_generation(t, 0) is not None for t in texts)}
+    return {
+        "tokens": tokens,
+        "samples": len(texts),
+        "parsed": sum(teacher.task.parse_generation(t, 0) is not None for t in texts),
+    }
 
 
 def generate_with(path, teacher, spec, soft_prompt, n, batch_size, seed, label=1):
@@ -182,7 +194,17 @@ def generate_with(path, teacher, spec, soft_prompt, n, batch_size, seed, label=1
 
     settings = spec.generate
     if path == "engine":
-        samples = teacher.sample(label, n, settings.max_new_tokens, settings.top_p, settings.temperature, seed, soft_prompt, batch_size, top_k=settings.top_k)
+        samples = teacher.sample(
+            label,
+            n,
+            settings.max_new_tokens,
+            settings.top_p,
+            settings.temperature,
+            seed,
+            soft_prompt,
+            batch_size,
+            top_k=settings.top_k,
+        )
         return int(samples.mask.sum()), samples.texts
     # The previous path: Hugging Face `generate` on inputs_embeds, one batch at a time, as the teacher ran it.
     tokens, texts = 0, []
@@ -206,7 +228,10 @@ def generate_with(path, teacher, spec, soft_prompt, n, batch_size, seed, label=1
         is_stop = torch.isin(output, torch.tensor(teacher.stop_ids)).long()
         mask = (torch.cumsum(is_stop, dim=1) - is_stop) == 0
         tokens += int(mask.sum())
-        texts += [teacher.tokenizer.decode(row[: int(m.sum())], skip_special_tokens=True).split("\n")[0].strip() for row, m in zip(output, mask)]
+        texts += [
+            teacher.tokenizer.decode(row[: int(m.sum())], skip_special_tokens=True).split("\n")[0].strip()
+            for row, m in zip(output, mask)
+        ]
     return tokens, texts
 
 
@@ -223,7 +248,9 @@ def classification_examples(which: str, count: int | None):
     return examples
 
 
-def measure_read(path: str, dtype: str, which: str, count: int | None, state: bool, prepare=False, prepared=None) -> dict:
+def measure_read(
+    path: str, dtype: str, which: str, count: int | None, state: bool, prepare=False, prepared=None
+) -> dict:
     """p_C (and with `state` the answer state) of SST-2 examples: the engine or the previous path."""
     if prepare:
         spec, teacher = load_teacher(dtype)
@@ -246,7 +273,9 @@ def read_with(path, teacher, examples, batch_size, state):
     probs = []
     teacher.tokenizer.padding_side = "left"
     for start in range(0, len(texts), batch_size):
-        batch = teacher.tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512)
+        batch = teacher.tokenizer(
+            texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512
+        )
         batch["position_ids"] = (batch["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
         with torch.no_grad():
             output = teacher.model(**batch, logits_to_keep=1, output_hidden_states=state)
@@ -268,14 +297,16 @@ MEASURES = {
 
 # ------------------------------------------------------------------------------------------ sections
 def bounds(log) -> dict:
-    from retrikt_ray.engine import hardware_class
-
     import torch
+
+    from retrikt_ray.engine import hardware_class
 
     spec, teacher = load_teacher("float32")
     model = teacher.model
     embedding = model.get_input_embeddings().weight.numel()
-    weights_per_token = sum(p.numel() for p in model.parameters()) - embedding + model.get_output_embeddings().weight.numel()
+    weights_per_token = (
+        sum(p.numel() for p in model.parameters()) - embedding + model.get_output_embeddings().weight.numel()
+    )
     if model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
         weights_per_token -= model.get_output_embeddings().weight.numel()
     gflop_per_token = 2 * weights_per_token / 1e9
@@ -315,11 +346,27 @@ def generation(log) -> dict:
     spec = demo_spec()
     rows = {}
     for processes, threads in LAYOUTS:
-        result = in_layout("generation", processes, threads, path="previous", dtype="float32", samples=PREVIOUS_GENERATION_SAMPLES, batch_size=16)
+        result = in_layout(
+            "generation",
+            processes,
+            threads,
+            path="previous",
+            dtype="float32",
+            samples=PREVIOUS_GENERATION_SAMPLES,
+            batch_size=16,
+        )
         rows[f"previous {processes}x{threads} float32"] = summarise_generation(result)
         log(f"generation previous {processes}x{threads}: {result['tokens_per_s']:.0f} tokens/s")
         for dtype in ("float32", "bfloat16"):
-            result = in_layout("generation", processes, threads, path="engine", dtype=dtype, samples=GENERATION_SAMPLES, batch_size=spec.generate.batch_size)
+            result = in_layout(
+                "generation",
+                processes,
+                threads,
+                path="engine",
+                dtype=dtype,
+                samples=GENERATION_SAMPLES,
+                batch_size=spec.generate.batch_size,
+            )
             rows[f"engine {processes}x{threads} {dtype}"] = summarise_generation(result)
             log(f"generation engine {processes}x{threads} {dtype}: {result['tokens_per_s']:.0f} tokens/s")
     return rows
@@ -346,7 +393,9 @@ def reading(log) -> dict:
     for kind, which, count, state in (("classification", "dev", None, False), ("annotation", "train", 1024, True)):
         for processes, threads in LAYOUTS:
             for path, dtype in (("previous", "float32"), ("engine", "float32"), ("engine", "bfloat16")):
-                result = in_layout("read", processes, threads, path=path, dtype=dtype, which=which, count=count, state=state)
+                result = in_layout(
+                    "read", processes, threads, path=path, dtype=dtype, which=which, count=count, state=state
+                )
                 rows[f"{kind} {path} {processes}x{threads} {dtype}"] = result["examples_per_s"]
                 log(f"{kind} {path} {processes}x{threads} {dtype}: {result['examples_per_s']:.1f} examples/s")
                 if kind == "classification" and processes == 1:
@@ -386,9 +435,14 @@ def ppo_precision(log, runs_dir: Path) -> dict:
             "prompt_loss_per_epoch": prompt["metrics"]["loss_per_epoch"],
             "seconds": manifest["seconds"],
             "precision": manifest["metrics"].get("teacher_precision"),
-            **{key: [entry[key] for entry in history] for key in ("reward", "policy_loss", "value_loss", "consistency_rate", "kl")},
+            **{
+                key: [entry[key] for entry in history]
+                for key in ("reward", "policy_loss", "value_loss", "consistency_rate", "kl")
+            },
         }
-        log(f"ppo {dtype}: {manifest['seconds']:.0f} s, reward per update {[round(r, 3) for r in out[dtype]['reward']]}")
+        log(
+            f"ppo {dtype}: {manifest['seconds']:.0f} s, reward per update {[round(r, 3) for r in out[dtype]['reward']]}"
+        )
     return out
 
 
@@ -399,17 +453,29 @@ def demo(log, before_ref: str | None, runs_dir: Path) -> dict:
     out = {}
     if before_ref:
         worktree = Path(tempfile.mkdtemp(prefix="retrikt-before-"))
-        subprocess.run(["git", "worktree", "add", "--detach", str(worktree), before_ref], cwd=REPO, check=True, capture_output=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(worktree), before_ref], cwd=REPO, check=True, capture_output=True
+        )
         try:
             runs = runs_dir / "before"
-            command = [sys.executable, "cli.py", "run", "jobs/demo.yaml", "--force", "--set", f"storage.runs_dir={runs}"]
+            command = [
+                sys.executable,
+                "cli.py",
+                "run",
+                "jobs/demo.yaml",
+                "--force",
+                "--set",
+                f"storage.runs_dir={runs}",
+            ]
             started = time.perf_counter()
             subprocess.run(command, cwd=worktree, env={**os.environ, "PYTHONPATH": str(worktree)}, check=True)
             (run_dir,) = [path for path in runs.iterdir() if path.is_dir()]
             out["before"] = demo_row(log, "before", before_ref, run_dir, time.perf_counter() - started)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=REPO, capture_output=True)
-    subprocess.run([sys.executable, "benchmarks/demo.py"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    subprocess.run(
+        [sys.executable, "benchmarks/demo.py"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True
+    )
     recorded = json.loads((REPO / "benchmarks/results/demo.json").read_text())
     out["after"] = demo_row(log, "after", git_head(), REPO / recorded["run_dir"], recorded["wall_seconds"])
     return out
@@ -419,7 +485,11 @@ def demo_row(log, name: str, ref: str, run_dir: Path, wall: float) -> dict:
     """What one demo run took and produced, from its manifests."""
     from retrikt_ray.pipeline import STAGE_NAMES
 
-    manifests = {name: json.loads((run_dir / name / "manifest.json").read_text()) for name in STAGE_NAMES if (run_dir / name / "manifest.json").exists()}
+    manifests = {
+        name: json.loads((run_dir / name / "manifest.json").read_text())
+        for name in STAGE_NAMES
+        if (run_dir / name / "manifest.json").exists()
+    }
     evaluation = manifests["evaluate"]["metrics"]
     generated = manifests["generate"]["metrics"]
     log(f"demo {name}: {wall:.0f} s, student+store {evaluation['accuracy_student_store']:.3f}")
@@ -437,7 +507,9 @@ def demo_row(log, name: str, ref: str, run_dir: Path, wall: float) -> dict:
 
 
 def git_head() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -461,7 +533,9 @@ def headline(results: dict) -> dict:
 
     return {
         "generation_speedup": generation_speedup,
-        "generation_speedup_source": "the demo's generate stage, after / before" if "before" in demo_runs else "in-process, best layout of each path",
+        "generation_speedup_source": "the demo's generate stage, after / before"
+        if "before" in demo_runs
+        else "in-process, best layout of each path",
         "generation_speedup_in_process": best_engine_stage / best_previous_stage,
         "decode_best_tokens_per_s": best_decode,
         "prefill_roof_tokens_per_s": prefill_roof,
@@ -480,11 +554,15 @@ def markdown(results: dict) -> str:
     lines = [
         "# Teacher speed: previous path against the engine, SmolLM2-135M, one run on one machine",
         "",
-        f"Machine: {results['machine']['cpus']} CPUs ({bound['hardware_class']}), {results['machine']['platform']}; commit {results['commit']}.",
+        f"Machine: {results['machine']['cpus']} CPUs ({bound['hardware_class']}), {results['machine']['platform']}; "
+        f"commit {results['commit']}.",
         "",
         "| headline | value |",
         "|---|---|",
-        *[f"| {key} | {value:.3g} |" if isinstance(value, float) else f"| {key} | {value} |" for key, value in top.items()],
+        *[
+            f"| {key} | {value:.3g} |" if isinstance(value, float) else f"| {key} | {value} |"
+            for key, value in top.items()
+        ],
         "",
         "## Bounds",
         "",
@@ -492,9 +570,13 @@ def markdown(results: dict) -> str:
         "",
         "| dtype | matmul GFLOP/s (2048^3, 2 threads) | tokens/s it implies |",
         "|---|---|---|",
-        *[f"| {d} | {bound['matmul_gflops'][d]:.0f} | {bound['bound_tokens_per_s'][d]:.0f} |" for d in bound["matmul_gflops"]],
+        *[
+            f"| {d} | {bound['matmul_gflops'][d]:.0f} | {bound['bound_tokens_per_s'][d]:.0f} |"
+            for d in bound["matmul_gflops"]
+        ],
         "",
-        "Practical roof, the engine's prefill (forward passes of full batches; layout processes x threads, dtype, batch x length):",
+        "Practical roof, the engine's prefill "
+        "(forward passes of full batches; layout processes x threads, dtype, batch x length):",
         "",
         "| prefill | tokens/s |",
         "|---|---|",
@@ -508,10 +590,12 @@ def markdown(results: dict) -> str:
         "",
         "## Generation at the demo's settings (its prompt, top-p, temperature, stop at the newline)",
         "",
-        "| path, layout, dtype | tokens/s (all replicas) | samples/s | tokens/s per replica | tokens per sample | parsed |",
+        "| path, layout, dtype | tokens/s (all replicas) | samples/s | tokens/s per replica | tokens per sample | "
+        "parsed |",
         "|---|---|---|---|---|---|",
         *[
-            f"| {name} | {row['tokens_per_s']:.0f} | {row['samples_per_s']:.1f} | {row['tokens_per_s_per_replica']:.0f} | {row['mean_tokens_per_sample']:.1f} | {row['parsed_share']:.0%} |"
+            f"| {name} | {row['tokens_per_s']:.0f} | {row['samples_per_s']:.1f} | "
+            f"{row['tokens_per_s_per_replica']:.0f} | {row['mean_tokens_per_sample']:.1f} | {row['parsed_share']:.0%} |"
             for name, row in results["generation"].items()
         ],
         "",
@@ -521,24 +605,30 @@ def markdown(results: dict) -> str:
         "|---|---|",
         *[f"| {name} | {value:.1f} |" for name, value in results["reading"]["examples_per_s"].items()],
         "",
-        f"Parity on the {results['reading']['dev_examples']} dev rows, calibrated p_C against the previous path in float32:",
+        f"Parity on the {results['reading']['dev_examples']} dev rows, "
+        "calibrated p_C against the previous path in float32:",
         "",
-        "| path, dtype | calibrated zero-shot accuracy | max abs soft-label difference | mean abs difference | same answer |",
+        "| path, dtype | calibrated zero-shot accuracy | max abs soft-label difference | mean abs difference | "
+        "same answer |",
         "|---|---|---|---|---|",
         *[
-            f"| {name} | {row['accuracy']:.4f} | {row['max_abs_soft_label_difference']:.4f} | {row['mean_abs_soft_label_difference']:.5f} | {row['same_answer_share']:.2%} |"
+            f"| {name} | {row['accuracy']:.4f} | {row['max_abs_soft_label_difference']:.4f} | "
+            f"{row['mean_abs_soft_label_difference']:.5f} | {row['same_answer_share']:.2%} |"
             for name, row in results["reading"]["parity_against_previous_float32"].items()
         ],
     ]
     if "ppo" in results:
         lines += [
             "",
-            "## PPO through the teacher: the demo's prompt and PPO stages, the teacher in float32 and as `auto` resolves it",
+            "## PPO through the teacher: the demo's prompt and PPO stages, "
+            "the teacher in float32 and as `auto` resolves it",
             "",
-            "| teacher.dtype (precision per use) | prompt s | prompt loss per epoch | PPO s | reward per update | policy loss per update | value loss per update | KL per update |",
+            "| teacher.dtype (precision per use) | prompt s | prompt loss per epoch | PPO s | reward per update | "
+            "policy loss per update | value loss per update | KL per update |",
             "|---|---|---|---|---|---|---|---|",
             *[
-                f"| {dtype} ({precision_cell(row['precision'])}) | {row['prompt_seconds']:.0f} | {fmt(row['prompt_loss_per_epoch'])} | {row['seconds']:.0f} |"
+                f"| {dtype} ({precision_cell(row['precision'])}) | {row['prompt_seconds']:.0f} | "
+                f"{fmt(row['prompt_loss_per_epoch'])} | {row['seconds']:.0f} |"
                 f" {fmt(row['reward'])} | {fmt(row['policy_loss'])} | {fmt(row['value_loss'])} | {fmt(row['kl'])} |"
                 for dtype, row in results["ppo"].items()
             ],
@@ -549,11 +639,13 @@ def markdown(results: dict) -> str:
             "",
             "## The demo end to end (`retrikt run jobs/demo.yaml --force`)",
             "",
-            f"| | {' | '.join(stages)} | wall (Ray start-up included) | generation tokens/s | student+store | teacher zero-shot |",
+            f"| | {' | '.join(stages)} | wall (Ray start-up included) | generation tokens/s | student+store | "
+            "teacher zero-shot |",
             f"|---|{'---|' * len(stages)}---|---|---|---|",
             *[
                 f"| {name} ({row['ref']}) | {stage_cells(row, stages)} | {row['wall_s']:.0f} |"
-                f" {row['generation_tokens_per_s']:.0f} | {row['accuracy_student_store']:.3f} | {row['accuracy_teacher_zero_shot']:.3f} |"
+                f" {row['generation_tokens_per_s']:.0f} | {row['accuracy_student_store']:.3f} | "
+                f"{row['accuracy_teacher_zero_shot']:.3f} |"
                 for name, row in results["demo"].items()
             ],
         ]
@@ -578,7 +670,9 @@ def main() -> None:
     parser.add_argument("--skip-demo", action="store_true", help="no end-to-end demo runs")
     parser.add_argument("--skip-ppo", action="store_true", help="no PPO float32 / auto comparison")
     parser.add_argument("--out", default="benchmarks/results/teacher_speed")
-    parser.add_argument("--resume", action="store_true", help="keep the sections a previous run of this commit finished")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the sections a previous run of this commit finished"
+    )
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -593,7 +687,12 @@ def main() -> None:
     results.update(
         commit=git_head(),
         machine={"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        settings={"job": "jobs/demo.yaml", "prefill_shapes": PREFILL_SHAPES, "decode_batches": DECODE_BATCHES, "layouts": LAYOUTS},
+        settings={
+            "job": "jobs/demo.yaml",
+            "prefill_shapes": PREFILL_SHAPES,
+            "decode_batches": DECODE_BATCHES,
+            "layouts": LAYOUTS,
+        },
     )
     with tempfile.TemporaryDirectory(prefix="teacher-speed-") as scratch:
         sections = {

@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def knn_accuracy(dev: np.ndarray, store: np.ndarray, soft_labels: np.ndarray, gold: np.ndarray, k: int, tau: float) -> float:
+def knn_accuracy(
+    dev: np.ndarray, store: np.ndarray, soft_labels: np.ndarray, gold: np.ndarray, k: int, tau: float
+) -> float:
     """Accuracy of sum_j softmax_j(cos / tau) q_j over each dev row's k most similar store rows."""
     dev = dev / np.linalg.norm(dev, axis=1, keepdims=True)
     store = store / np.linalg.norm(store, axis=1, keepdims=True)
@@ -45,7 +47,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="A run directory whose generate stage finished")
     parser.add_argument("--layers", type=int, nargs="+", default=[-1, -7, -13], help="Teacher layers to compare")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "teacher_states", help="Results path without suffix")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "benchmarks" / "results" / "teacher_states",
+        help="Results path without suffix",
+    )
     args = parser.parse_args()
 
     import pandas as pd
@@ -60,7 +67,10 @@ def main() -> None:
     if task.kind != "classification":
         sys.exit(f"--run: task '{task.name}' is a choice task; this benchmark compares classification readouts only")
     samples = pd.read_parquet(args.run / "generate" / "samples.parquet")
-    stored = [Example(fields=json.loads(fields), label=int(label)) for fields, label in zip(samples["fields"], samples["label"])]
+    stored = [
+        Example(fields=json.loads(fields), label=int(label))
+        for fields, label in zip(samples["fields"], samples["label"])
+    ]
     soft_labels = np.stack(samples["soft_label"].to_numpy())
     gold = np.array([example.label for example in dev])
     k, tau = spec.student.k, spec.student.tau
@@ -77,7 +87,9 @@ def main() -> None:
                     "representation": f"teacher {kind}",
                     "layer": layer,
                     "accuracy_raw": knn_accuracy(dev_states, store_states, soft_labels, gold, k, tau),
-                    "accuracy_centred": knn_accuracy(dev_states - centre, store_states - centre, soft_labels, gold, k, tau),
+                    "accuracy_centred": knn_accuracy(
+                        dev_states - centre, store_states - centre, soft_labels, gold, k, tau
+                    ),
                     "mean_cosine_raw": mean_pairwise_cosine(store_states),
                     "mean_cosine_centred": mean_pairwise_cosine(store_states - centre),
                 }
@@ -96,7 +108,15 @@ def main() -> None:
             "mean_cosine_centred": None,
         }
     )
-    settings = {"run": args.run.name, "task": task.name, "teacher": spec.teacher.model, "dev_examples": len(dev), "store_rows": len(stored), "k": k, "tau": tau}
+    settings = {
+        "run": args.run.name,
+        "task": task.name,
+        "teacher": spec.teacher.model,
+        "dev_examples": len(dev),
+        "store_rows": len(stored),
+        "k": k,
+        "tau": tau,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(rows, settings))
@@ -113,8 +133,9 @@ def markdown(rows: list[dict], settings: dict) -> str:
     lines = [
         f"# Teacher similarities as a retrieval readout: {settings['task']}, teacher `{settings['teacher']}`",
         "",
-        f"Run `{settings['run']}`: {settings['dev_examples']} dev rows, {settings['store_rows']} store rows (its generated samples "
-        f"with their soft labels), k = {settings['k']}, tau = {settings['tau']}. Accuracy of the dev rows' neighbours' soft labels; "
+        f"Run `{settings['run']}`: {settings['dev_examples']} dev rows, {settings['store_rows']} store rows "
+        f"(its generated samples with their soft labels), k = {settings['k']}, tau = {settings['tau']}. "
+        "Accuracy of the dev rows' neighbours' soft labels; "
         "centred: minus the store's mean state. Chance is about 50% here.",
         "",
         "| representation | layer | kNN accuracy % raw | centred | mean pairwise cosine raw | centred |",
@@ -123,7 +144,8 @@ def markdown(rows: list[dict], settings: dict) -> str:
     for row in rows:
         layer = "-" if row["layer"] is None else str(row["layer"])
         lines.append(
-            f"| {row['representation']} | {layer} | {percent(row['accuracy_raw'])} | {percent(row['accuracy_centred'])} | "
+            f"| {row['representation']} | {layer} | {percent(row['accuracy_raw'])} | "
+            f"{percent(row['accuracy_centred'])} | "
             f"{cosine(row['mean_cosine_raw'])} | {cosine(row['mean_cosine_centred'])} |"
         )
     return "\n".join(lines) + "\n"

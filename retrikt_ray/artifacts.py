@@ -20,9 +20,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -160,7 +161,9 @@ class StageRun:
             "seconds": round(seconds, 3),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": sorted(
-                str(path.relative_to(self.dir)) for path in self.dir.rglob("*") if path.is_file() and path.name != MANIFEST
+                str(path.relative_to(self.dir))
+                for path in self.dir.rglob("*")
+                if path.is_file() and path.name != MANIFEST
             ),
         }
         if reused_from is not None:
@@ -192,7 +195,6 @@ def stage_hash(spec: JobSpec, config_keys: tuple[str, ...], input_hashes: dict[s
 def write_job_file(run_dir: Path, spec: JobSpec) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.yaml").write_text(dump_spec(spec))
-
 
 
 class RemoteRun:

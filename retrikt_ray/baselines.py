@@ -35,10 +35,14 @@ class BaselineSettings(BaseModel):
     probe_epochs: int = Field(200, ge=1, description="Full-batch steps of the linear probe's head")
     probe_lr: float = Field(1e-2, gt=0, description="Learning rate of the linear probe's head")
     batch_size: int = Field(16, ge=1, description="Labelled rows per fine-tuning step")
-    setfit_iterations: int = Field(10, ge=1, description="SetFit num_iterations: contrastive pairs drawn per labelled row")
+    setfit_iterations: int = Field(
+        10, ge=1, description="SetFit num_iterations: contrastive pairs drawn per labelled row"
+    )
     setfit_epochs: int = Field(1, ge=1, description="SetFit passes over the contrastive pairs")
     setfit_batch_size: int = Field(16, ge=1, description="SetFit pairs per contrastive step")
-    teacher_batch_size: int = Field(16, ge=1, description="Sequences per teacher forward of the tuned-prompt classifier")
+    teacher_batch_size: int = Field(
+        16, ge=1, description="Sequences per teacher forward of the tuned-prompt classifier"
+    )
 
 
 def labelled_rows(task: Task, examples: list[Example]) -> tuple[list[tuple[str, str | None]], list[int]]:
@@ -48,7 +52,9 @@ def labelled_rows(task: Task, examples: list[Example]) -> tuple[list[tuple[str, 
     return rows, targets
 
 
-def head_predictions(task: Task, student: RetrievalStudent, examples: list[Example], batch_size: int = 64) -> np.ndarray:
+def head_predictions(
+    task: Task, student: RetrievalStudent, examples: list[Example], batch_size: int = 64
+) -> np.ndarray:
     """Task-level probabilities of the student's head alone (no store)."""
     rows, _ = labelled_rows(task, examples)
     z = torch.from_numpy(student.embed_all(rows, batch_size))
@@ -56,7 +62,9 @@ def head_predictions(task: Task, student: RetrievalStudent, examples: list[Examp
         return example_probs(task, student.head_probs(z).numpy(), len(examples))
 
 
-def finetune_student(spec: JobSpec, task: Task, few_shot: list[Example], settings: BaselineSettings) -> RetrievalStudent:
+def finetune_student(
+    spec: JobSpec, task: Task, few_shot: list[Example], settings: BaselineSettings
+) -> RetrievalStudent:
     """Encoder and head trained with cross-entropy on the labelled rows (student.lr / student.head_lr)."""
     torch.manual_seed(spec.student.seed)
     student = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
@@ -64,7 +72,11 @@ def finetune_student(spec: JobSpec, task: Task, few_shot: list[Example], setting
     head_ids = {id(parameter) for parameter in student.head.parameters()}
     optimiser = torch.optim.AdamW(
         [
-            {"params": [p for p in student.parameters() if id(p) not in head_ids], "lr": spec.student.lr, "weight_decay": spec.student.weight_decay},
+            {
+                "params": [p for p in student.parameters() if id(p) not in head_ids],
+                "lr": spec.student.lr,
+                "weight_decay": spec.student.weight_decay,
+            },
             {"params": list(student.head.parameters()), "lr": spec.student.head_lr, "weight_decay": 0.0},
         ]
     )
@@ -74,7 +86,10 @@ def finetune_student(spec: JobSpec, task: Task, few_shot: list[Example], setting
         order = generator.permutation(len(rows))
         for start in range(0, len(rows), settings.batch_size):
             chosen = order[start : start + settings.batch_size]
-            loss = ce_loss(torch.tensor([targets[i] for i in chosen]), student.head_probs(student.encode([rows[i] for i in chosen])))
+            loss = ce_loss(
+                torch.tensor([targets[i] for i in chosen]),
+                student.head_probs(student.encode([rows[i] for i in chosen])),
+            )
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -89,7 +104,9 @@ def linear_probe(spec: JobSpec, task: Task, few_shot: list[Example], settings: B
     rows, targets = labelled_rows(task, few_shot)
     z = torch.from_numpy(student.embed_all(rows))
     gold = torch.tensor(targets)
-    optimiser = torch.optim.AdamW(student.head.parameters(), lr=settings.probe_lr, weight_decay=spec.student.weight_decay)
+    optimiser = torch.optim.AdamW(
+        student.head.parameters(), lr=settings.probe_lr, weight_decay=spec.student.weight_decay
+    )
     for _ in range(settings.probe_epochs):
         loss = ce_loss(gold, student.head_probs(z))
         optimiser.zero_grad(set_to_none=True)
@@ -113,7 +130,9 @@ def setfit_student(
 
     from .models import student_path
 
-    model = SetFitModel.from_pretrained(student_path(spec.student.model), trust_remote_code=spec.student.trust_remote_code)
+    model = SetFitModel.from_pretrained(
+        student_path(spec.student.model), trust_remote_code=spec.student.trust_remote_code
+    )
     model.model_body.max_seq_length = spec.student.max_length
     tokenizer = model.model_body.tokenizer
     rows, targets = labelled_rows(task, few_shot)
@@ -140,14 +159,18 @@ def setfit_student(
 
 
 @torch.no_grad()
-def tuned_prompt_teacher(teacher, soft_prompt: torch.Tensor, examples: list[Example], batch_size: int = 16) -> np.ndarray:
+def tuned_prompt_teacher(
+    teacher, soft_prompt: torch.Tensor, examples: list[Example], batch_size: int = 16
+) -> np.ndarray:
     """Raw p(y | x) of the teacher with its soft prompt: softmax over labels of log p(text of x | [P] prompt of y).
 
     The text is the one stage 1 trained the prompt to write (`task.generation_text`), so the classifier
     asks exactly what the tuned prompt learned. Calibrate it with `teacher.calibrate` like p_C.
     """
     task, tokenizer = teacher.task, teacher.tokenizer
-    sequences = [tokenizer(task.generation_text(example) + "\n", add_special_tokens=False).input_ids for example in examples]
+    sequences = [
+        tokenizer(task.generation_text(example) + "\n", add_special_tokens=False).input_ids for example in examples
+    ]
     scores = np.zeros((len(examples), task.num_labels), dtype=np.float64)
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]

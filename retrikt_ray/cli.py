@@ -5,17 +5,22 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from .config import SpecError
 
-app = typer.Typer(help="Compress a teacher LLM into a tiny retrieving student (RetriKT) on Ray.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Compress a teacher LLM into a tiny retrieving student (RetriKT) on Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 DEFAULT_JOB = Path("jobs/demo.yaml")
 
-JobArg = Annotated[Optional[Path], typer.Argument(help="Job spec YAML (default: jobs/demo.yaml)")]
+JobArg = Annotated[Path | None, typer.Argument(help="Job spec YAML (default: jobs/demo.yaml)")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="Override a field: section.field=value (repeatable)")]
 RunDirArg = Annotated[
     str, typer.Argument(help="A finished run directory (runs/<job>-<hash>), or its URI (s3://..., file://...)")
@@ -38,7 +43,7 @@ def user_errors(command):
     return wrapper
 
 
-def _load(job: Optional[Path], overrides: list[str]):
+def _load(job: Path | None, overrides: list[str]):
     from .config import load_spec
 
     return load_spec(job or DEFAULT_JOB, overrides)
@@ -46,7 +51,7 @@ def _load(job: Optional[Path], overrides: list[str]):
 
 @app.command()
 @user_errors
-def validate(job: JobArg = None, set_: SetOpt = []) -> None:
+def validate(job: JobArg = None, set_: SetOpt = []) -> None:  # noqa: B006 typer's list default, never mutated
     """Check a job spec, its data files (every row) and its model names without running anything."""
     from .pipeline import validate as validate_spec
 
@@ -57,8 +62,8 @@ def validate(job: JobArg = None, set_: SetOpt = []) -> None:
 @user_errors
 def run(
     job: JobArg = None,
-    set_: SetOpt = [],
-    stage: Annotated[Optional[str], typer.Option(help="Run only this stage (its inputs must be finished)")] = None,
+    set_: SetOpt = [],  # noqa: B006 typer's list default, never mutated
+    stage: Annotated[str | None, typer.Option(help="Run only this stage (its inputs must be finished)")] = None,
     force: Annotated[bool, typer.Option(help="Redo stages even if finished")] = False,
 ) -> None:
     """Run the pipeline on a local in-process Ray (or resources.address); finished stages are skipped."""
@@ -70,14 +75,18 @@ def run(
     from .artifacts import is_uri, run_location
 
     run_dir = run_pipeline(spec, only=stage, force=force, log=typer.echo)
-    typer.echo(f"run directory: {run_dir}" + (f" (kept at {run_location(spec)})" if is_uri(spec.storage.runs_dir) else ""))
+    typer.echo(
+        f"run directory: {run_dir}" + (f" (kept at {run_location(spec)})" if is_uri(spec.storage.runs_dir) else "")
+    )
     _print_table(run_dir)
 
 
 @app.command()
 @user_errors
 def show(
-    location: Annotated[str, typer.Argument(help="A run directory (runs/<job>-<hash>), or its URI (s3://..., file://...)")],
+    location: Annotated[
+        str, typer.Argument(help="A run directory (runs/<job>-<hash>), or its URI (s3://..., file://...)")
+    ],
 ) -> None:
     """Print a run's stages, row counts, timings and metrics as a table."""
     run_dir = _local_run(location)
@@ -90,11 +99,17 @@ def show(
 @user_errors
 def serve(
     run_dir: RunDirArg,
-    host: Annotated[Optional[str], typer.Option(help="Interface to listen on (default: the spec's serve.host)")] = None,
-    port: Annotated[Optional[int], typer.Option(help="HTTP port (default: the spec's serve.port)")] = None,
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: resources.address, else a local Ray)")] = None,
-    config_out: Annotated[Optional[Path], typer.Option(help="Write a Serve config file (serve deploy, RayService) and exit")] = None,
-    reload_store: Annotated[bool, typer.Option("--reload-store", help="Make the running server load its store again, and exit")] = False,
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (default: the spec's serve.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: the spec's serve.port)")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join (default: resources.address, else a local Ray)")
+    ] = None,
+    config_out: Annotated[
+        Path | None, typer.Option(help="Write a Serve config file (serve deploy, RayService) and exit")
+    ] = None,
+    reload_store: Annotated[
+        bool, typer.Option("--reload-store", help="Make the running server load its store again, and exit")
+    ] = False,
 ) -> None:
     """Serve a run's student + store over HTTP on Ray Serve until Ctrl-C (API: README, /openapi.json)."""
     import yaml
@@ -109,7 +124,10 @@ def serve(
         typer.echo(f"wrote {config_out} (serve deploy {config_out})")
     elif reload_store:
         reloaded = serving.request_store_reload(run_dir, host, port)
-        typer.echo(f"{reloaded['run']}: store {reloaded['previous_version']} -> {reloaded['store_version']} ({reloaded['rows']} rows)")
+        typer.echo(
+            f"{reloaded['run']}: store {reloaded['previous_version']} -> {reloaded['store_version']} "
+            f"({reloaded['rows']} rows)"
+        )
     else:
         serving.serve_until_interrupted(run_dir, host, port, address, log=typer.echo)
 
@@ -131,11 +149,15 @@ def predict(
 
 
 AddressOpt = Annotated[
-    Optional[str],
-    typer.Option(help="The cluster's dashboard, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, else a local Ray)"),
+    str | None,
+    typer.Option(
+        help="The cluster's dashboard, http://HOST:8265 "
+        "(default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, else a local Ray)"
+    ),
 ]
 TokenOpt = Annotated[
-    Optional[Path], typer.Option(help="File holding the cluster's Ray token (default: resources.auth_token_file, else Ray's own)")
+    Path | None,
+    typer.Option(help="File holding the cluster's Ray token (default: resources.auth_token_file, else Ray's own)"),
 ]
 JobIdArg = Annotated[str, typer.Argument(help="A job id (retrikt submit prints it; retrikt jobs lists them)")]
 
@@ -144,10 +166,12 @@ JobIdArg = Annotated[str, typer.Argument(help="A job id (retrikt submit prints i
 @user_errors
 def submit(
     job: JobArg = None,
-    set_: SetOpt = [],
+    set_: SetOpt = [],  # noqa: B006 typer's list default, never mutated
     address: AddressOpt = None,
     token_file: TokenOpt = None,
-    follow: Annotated[bool, typer.Option(help="Print the job's output until it ends; exit 1 unless it succeeded")] = False,
+    follow: Annotated[
+        bool, typer.Option(help="Print the job's output until it ends; exit 1 unless it succeeded")
+    ] = False,
 ) -> None:
     """Run the pipeline as a job on a Ray cluster (Job Submission API); prints the job id."""
     from . import jobs_api
@@ -214,7 +238,9 @@ def jobs(address: AddressOpt = None, token_file: TokenOpt = None) -> None:
     for column in ("job id", "status", "job", "started", "run directory"):
         table.add_column(column, overflow="fold")
     for row in list_jobs(address, token_file):
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["start_time"] / 1000)) if row["start_time"] else ""
+        started = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["start_time"] / 1000)) if row["start_time"] else ""
+        )
         table.add_row(row["job_id"], row["status"], row["job"], started, row["run_dir"])
     Console(width=max(120, Console().width)).print(table)
 
@@ -223,8 +249,10 @@ def jobs(address: AddressOpt = None, token_file: TokenOpt = None) -> None:
 @user_errors
 def tune(
     job: JobArg = None,
-    sweep: Annotated[Path, typer.Option(help="Sweep file: metric, search space, search, scheduler (jobs/sweeps/)")] = ...,
-    set_: SetOpt = [],
+    sweep: Annotated[
+        Path, typer.Option(help="Sweep file: metric, search space, search, scheduler (jobs/sweeps/)")
+    ] = ...,
+    set_: SetOpt = [],  # noqa: B006 typer's list default, never mutated
 ) -> None:
     """Sweep job fields with Ray Tune; writes a results table, a plot and the best trial as a job spec."""
     from . import tune as tuning
@@ -238,10 +266,13 @@ def tune(
     if outcome["best"] is None:
         typer.echo(f"error: no trial finished; see {outcome['dir']}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"best: {settings.metric} {outcome['best'][settings.metric]:.4f}, {outcome['dir'] / 'best.yaml'} ({outcome['best']['run_dir']})")
+    typer.echo(
+        f"best: {settings.metric} {outcome['best'][settings.metric]:.4f}, {outcome['dir'] / 'best.yaml'} "
+        f"({outcome['best']['run_dir']})"
+    )
 
 
-def _follow(job_id: str, address: Optional[str], token_file: Optional[Path]) -> None:
+def _follow(job_id: str, address: str | None, token_file: Path | None) -> None:
     """Print a job's output as it comes, then its end; exit 1 unless it succeeded."""
     from . import jobs_api
 
@@ -275,7 +306,9 @@ def _print_table(run_dir: Path) -> None:
         rows = ", ".join(f"{key} {value}" for key, value in counts.items())
         seconds = manifest.get("seconds")
         status = manifest["status"] + (" (reused)" if manifest.get("reused_from") else "")
-        table.add_row(manifest["stage"], status, "" if seconds is None else f"{seconds:.1f}", rows, manifest.get("summary", ""))
+        table.add_row(
+            manifest["stage"], status, "" if seconds is None else f"{seconds:.1f}", rows, manifest.get("summary", "")
+        )
     Console(width=max(120, Console().width)).print(table)
 
 

@@ -43,7 +43,8 @@ class TaskSpec(Section):
     verbalisers: list[str] | None = Field(None, description="One word per label that the teacher predicts")
     generation_template: str | None = Field(
         None,
-        description="How an example is written for generation, with {field} slots, e.g. 'Premise: {premise} Hypothesis: {hypothesis}';"
+        description="How an example is written for generation, with {field} slots, "
+        "e.g. 'Premise: {premise} Hypothesis: {hypothesis}';"
         " the text before the first slot ends the generation prompt, the teacher writes the rest",
     )
     classification_template: str | None = Field(
@@ -76,7 +77,8 @@ class TeacherSpec(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Teacher precision. auto: per use (decoding, reading, scoring), what measured fastest on the "
-        "hardware it runs on (engine.AUTO_PRECISION; float32 on CPUs without bf16 units); a dtype: that dtype everywhere",
+        "hardware it runs on (engine.AUTO_PRECISION; float32 on CPUs without bf16 units); "
+        "a dtype: that dtype everywhere",
     )
     trust_remote_code: bool = Field(False, description="Allow the model repository's own code to run")
     chat_template: bool = Field(
@@ -105,7 +107,13 @@ class TeacherSpec(Section):
 # The stages whose optimisation runs in Ray Train workers under DeepSpeed.
 TRAINING_STAGES = ("prompt", "ppo", "student")
 # The teacher fields that define its classifier p_C (what PPO's reward and evaluation depend on).
-TEACHER_CLASSIFIER = ("teacher.model", "teacher.dtype", "teacher.trust_remote_code", "teacher.chat_template", "teacher.calibration")
+TEACHER_CLASSIFIER = (
+    "teacher.model",
+    "teacher.dtype",
+    "teacher.trust_remote_code",
+    "teacher.chat_template",
+    "teacher.calibration",
+)
 
 
 # --------------------------------------------------------------------------------------- stages
@@ -113,12 +121,15 @@ class DeepSpeedSpec(Section):
     """How a training stage's optimisation runs: a DeepSpeed engine in every Ray Train worker."""
 
     zero_stage: Literal[0, 1, 2, 3] = Field(
-        0, description="ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters"
+        0,
+        description="ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters",
     )
     offload_optimizer: bool = Field(False, description="ZeRO 1-3 on GPUs: keep optimizer state in CPU memory")
     offload_parameters: bool = Field(False, description="ZeRO 3 on GPUs: keep parameters in CPU memory")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision of the engine")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches whose gradients make one optimizer step")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches whose gradients make one optimizer step"
+    )
     micro_batch_size: int | None = Field(
         None, ge=1, description="Examples per worker per forward pass (None: the stage's batch size)"
     )
@@ -134,7 +145,11 @@ class DeepSpeedSpec(Section):
             raise ValueError("offload_parameters needs zero_stage 3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
-        changed = [name for name, field in type(self).model_fields.items() if name != "config_file" and getattr(self, name) != field.default]
+        changed = [
+            name
+            for name, field in type(self).model_fields.items()
+            if name != "config_file" and getattr(self, name) != field.default
+        ]
         if self.config_file is not None and changed:
             raise ValueError(f"config_file is used as is: leave out {', '.join(changed)}")
         # Workers get the engine config built on the driver (training.deepspeed_config); their node may lack the path.
@@ -180,14 +195,16 @@ class PPOSpec(DeepSpeedOption):
     lr: float = Field(1e-3, gt=0, description="Learning rate of the soft prompt and value head")
     per_label_prompt: bool = Field(
         False,
-        description="Tune a copy of the stage-1 prompt per label, so that one label's rewards do not pull the prompt another label samples from",
+        description="Tune a copy of the stage-1 prompt per label, "
+        "so that one label's rewards do not pull the prompt another label samples from",
     )
     alpha: float = Field(1.0, description="Weight of label consistency log p_C(y|x)")
     beta: float = Field(0.5, description="Weight of diversity 1 - max cos to the label's memory bank")
     gamma: float = Field(1.0, description="Penalty for a sample that does not parse or is out of length bounds")
     malformed_consistency: Literal["valid_mean", "floor"] = Field(
         "valid_mean",
-        description="Consistency term of a malformed sample, which has no p_C: its batch's valid mean (gamma alone punishes "
+        description="Consistency term of a malformed sample, which has no p_C: "
+        "its batch's valid mean (gamma alone punishes "
         "bad form) or log 0.01 (form then outweighs the label, and PPO learns form)",
     )
     kl_coef: float = Field(0.05, ge=0, description="eta, per-token KL to the stage-1 prompt")
@@ -200,15 +217,21 @@ class PPOSpec(DeepSpeedOption):
     max_new_tokens: int = Field(48, ge=4)
     top_p: float = Field(0.95, gt=0, le=1)
     top_k: int = Field(
-        50, ge=0, description="Keep the k most likely tokens before top-p (0: none); 50 is Hugging Face generate's default"
+        50,
+        ge=0,
+        description="Keep the k most likely tokens before top-p (0: none); 50 is Hugging Face generate's default",
     )
     temperature: float = Field(1.0, gt=0)
     eval_samples_per_label: int = Field(
-        48, ge=1, description="Samples per label drawn on fixed seeds from the stage-1 and the final prompt, to measure what PPO changed"
+        48,
+        ge=1,
+        description="Samples per label drawn on fixed seeds from the stage-1 and the final prompt, "
+        "to measure what PPO changed",
     )
     keep_stage1_when_worse: bool = Field(
         True,
-        description="Pass on the stage-1 prompt instead of the final one when the final prompt's mean reward on the fixed draws is "
+        description="Pass on the stage-1 prompt instead of the final one "
+        "when the final prompt's mean reward on the fixed draws is "
         "lower than the stage-1 prompt's (PPO made things worse, e.g. its steps broke the form of a long template)",
     )
 
@@ -218,15 +241,22 @@ class GenerateSpec(Section):
 
     samples_per_label: int = Field(500, ge=1, description="N_y, samples drawn per label before filtering")
     batch_size: int = Field(
-        128, ge=1, description="Rows a replica decodes at once (its slots); each sample has its own seed, so this changes speed, not samples"
+        128,
+        ge=1,
+        description="Rows a replica decodes at once (its slots); "
+        "each sample has its own seed, so this changes speed, not samples",
     )
     rows_per_task: int = Field(
-        256, ge=1, description="Samples per Ray Data row (one row = one label and seed; the unit a stopped run resumes from)"
+        256,
+        ge=1,
+        description="Samples per Ray Data row (one row = one label and seed; the unit a stopped run resumes from)",
     )
     max_new_tokens: int = Field(48, ge=4)
     top_p: float = Field(0.95, gt=0, le=1)
     top_k: int = Field(
-        50, ge=0, description="Keep the k most likely tokens before top-p (0: none); 50 is Hugging Face generate's default"
+        50,
+        ge=0,
+        description="Keep the k most likely tokens before top-p (0: none); 50 is Hugging Face generate's default",
     )
     temperature: float = Field(1.0, gt=0)
     seed: int = Field(0)
@@ -248,7 +278,9 @@ class UnlabelledSpec(Section):
     """Stage 3b, beyond the paper's recipe (off by default): in-domain texts without labels, labelled by the
     teacher's calibrated zero-shot classifier, join the generated samples in the store."""
 
-    samples: int = Field(0, ge=0, description="Unlabelled texts the teacher labels into the store (0: none, the paper's recipe)")
+    samples: int = Field(
+        0, ge=0, description="Unlabelled texts the teacher labels into the store (0: none, the paper's recipe)"
+    )
     file: str | None = Field(
         None,
         description="File of in-domain inputs in the task's format, labels not needed (ignored if present); "
@@ -268,7 +300,10 @@ class StoreSpec(Section):
     pq_subquantizers: int = Field(16, ge=1)
     encode_batch_size: int = Field(64, ge=1)
     fraction: float = Field(
-        1.0, gt=0, le=1, description="Share of the kept samples that enter the store, drawn at random (store-size ablations)"
+        1.0,
+        gt=0,
+        le=1,
+        description="Share of the kept samples that enter the store, drawn at random (store-size ablations)",
     )
 
 
@@ -283,7 +318,8 @@ class StudentSpec(DeepSpeedOption):
     lam: float = Field(0.5, ge=0, le=1, description="p = lam * p_ret + (1 - lam) * p_head")
     retrieval_gate: bool = Field(
         True,
-        description="Before training, the untrained student retrieves the store's soft labels for the labelled examples; "
+        description="Before training, the untrained student retrieves the store's soft labels "
+        "for the labelled examples; "
         "when they answer them no better than always answering their majority label (by one standard error), the "
         "student trains and predicts with its head alone (lam = 0), as retrieving would only add the teacher's noise",
     )
@@ -297,7 +333,9 @@ class StudentSpec(DeepSpeedOption):
         "store: the rank_list_size store rows the teacher finds nearest plus the k the student currently retrieves, "
         "scored against their store keys, so the student learns to retrieve what the teacher finds similar",
     )
-    rank_list_size: int = Field(16, ge=1, description="Teacher-nearest store rows in each list when rank_lists is store")
+    rank_list_size: int = Field(
+        16, ge=1, description="Teacher-nearest store rows in each list when rank_lists is store"
+    )
     epochs: int = Field(3, ge=0)
     batch_size: int = Field(32, ge=2)
     gold_per_batch: int = Field(8, ge=0, description="Gold few-shot examples oversampled into each batch")
@@ -322,27 +360,33 @@ class ResourcesSpec(Section):
     generation_replicas: int = Field(2, ge=1, description="Most teacher replicas generating at once")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per training worker")
     cpus_per_replica: float = Field(0.5, gt=0, description="CPUs per generation replica (fractional on CPU nodes)")
-    use_gpu: bool = Field(False, description="GPUs for training workers (one each) and teacher replicas (gpus_per_replica each)")
+    use_gpu: bool = Field(
+        False, description="GPUs for training workers (one each) and teacher replicas (gpus_per_replica each)"
+    )
     gpus_per_replica: float = Field(
-        1.0, gt=0, le=1, description="With use_gpu: the share of one GPU a teacher replica takes; below 1, several replicas "
-        "of a small teacher generate side by side on one GPU (0.5: two per GPU)"
+        1.0,
+        gt=0,
+        le=1,
+        description="With use_gpu: the share of one GPU a teacher replica takes; below 1, several replicas "
+        "of a small teacher generate side by side on one GPU (0.5: two per GPU)",
     )
     placement: Literal["pack", "spread"] = Field(
         "pack",
         description="pack: training workers in a PACK placement group (one node while it fits) and an autoscaling "
         "pool of up to generation_replicas teacher replicas; spread: training workers in a SPREAD placement group "
-        "and a fixed pool of generation_replicas replicas scheduled SPREAD, so the work lands on as many nodes as it can",
+        "and a fixed pool of generation_replicas replicas scheduled SPREAD, "
+        "so the work lands on as many nodes as it can",
     )
     max_failures: int = Field(
-        1, ge=-1, description="Restarts of a training stage's worker group after a worker dies (-1: no limit); "
-        "each restart resumes from the stage's last checkpoint"
+        1,
+        ge=-1,
+        description="Restarts of a training stage's worker group after a worker dies (-1: no limit); "
+        "each restart resumes from the stage's last checkpoint",
     )
     checkpoint_every_steps: int | None = Field(
         200, ge=1, description="Prompt and student stages: checkpoint every N optimizer steps (None: never)"
     )
-    checkpoint_every_updates: int | None = Field(
-        2, ge=1, description="PPO: checkpoint every N updates (None: never)"
-    )
+    checkpoint_every_updates: int | None = Field(2, ge=1, description="PPO: checkpoint every N updates (None: never)")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per process (None: torch's default)")
     address: str | None = Field(None, description="Ray address; None starts a local Ray in-process")
     auth_token_file: str | None = Field(
@@ -432,7 +476,9 @@ class JobSpec(Section):
                 raise ValueError(f"{where}: offloading moves GPU memory to the CPU and needs resources.use_gpu: true")
         micro = self.deepspeed_for("student").micro_batch_size
         if micro is not None and micro < 2 and self.student.b > 0:
-            raise ValueError("student.deepspeed.micro_batch_size: L_rank (student.b > 0) needs at least 2 rows per batch")
+            raise ValueError(
+                "student.deepspeed.micro_batch_size: L_rank (student.b > 0) needs at least 2 rows per batch"
+            )
         return self
 
     def deepspeed_for(self, stage: str) -> DeepSpeedSpec:
@@ -528,7 +574,11 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | None = None
 
 def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
     sections = [(spec.data, "train_file"), (spec.data, "dev_file"), (spec.unlabelled, "file")]
-    sections += [(settings, "config_file") for settings in (spec.deepspeed, *(getattr(spec, stage).deepspeed for stage in TRAINING_STAGES)) if settings is not None]
+    sections += [
+        (settings, "config_file")
+        for settings in (spec.deepspeed, *(getattr(spec, stage).deepspeed for stage in TRAINING_STAGES))
+        if settings is not None
+    ]
     for section, field in sections:
         value = getattr(section, field)
         if value is not None and not Path(value).expanduser().is_absolute():

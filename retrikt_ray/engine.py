@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -147,7 +147,9 @@ class SamplingParams:
 def row_seeds(seed: int, rows: int) -> np.ndarray:
     """One seed per row, derived from a call's seed: row i of a call with seed s is the same whatever the batching."""
     with np.errstate(over="ignore"):
-        return _mix(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15) + np.arange(rows, dtype=np.uint64))
+        return _mix(
+            np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15) + np.arange(rows, dtype=np.uint64)
+        )
 
 
 def _mix(values: np.ndarray) -> np.ndarray:
@@ -185,15 +187,15 @@ class Candidates:
     probs: torch.Tensor
     tokens: torch.Tensor | None
 
-    def take(self, rows: torch.Tensor) -> "Candidates":
+    def take(self, rows: torch.Tensor) -> Candidates:
         return Candidates(self.probs[rows], None if self.tokens is None else self.tokens[rows])
 
-    def put(self, rows: torch.Tensor, other: "Candidates") -> None:
+    def put(self, rows: torch.Tensor, other: Candidates) -> None:
         self.probs[rows] = other.probs
         if self.tokens is not None:
             self.tokens[rows] = other.tokens
 
-    def empty(self, rows: int) -> "Candidates":
+    def empty(self, rows: int) -> Candidates:
         """Room for `rows` rows shaped like these."""
         probs = self.probs.new_empty(rows, self.probs.shape[-1])
         return Candidates(probs, None if self.tokens is None else self.tokens.new_zeros(rows, self.tokens.shape[-1]))
@@ -242,7 +244,9 @@ def draw(candidates: Candidates, params: SamplingParams, seeds: np.ndarray, step
     u = torch.from_numpy(uniforms(seeds, steps)).to(probs.device)
     if candidates.tokens is not None:
         cumulative = probs.double().cumsum(dim=-1)
-        position = torch.searchsorted(cumulative, (u * cumulative[:, -1])[:, None], right=True).clamp(max=probs.shape[-1] - 1)
+        position = torch.searchsorted(cumulative, (u * cumulative[:, -1])[:, None], right=True).clamp(
+            max=probs.shape[-1] - 1
+        )
         return candidates.tokens.gather(-1, position).squeeze(-1)
     blocks = VocabBlocks(probs)
     chosen = blocks.draw(everyone, u)
@@ -254,7 +258,9 @@ def draw(candidates: Candidates, params: SamplingParams, seeds: np.ndarray, step
         if not len(pending) or attempt == REDRAWS:
             break
         rows = pending.cpu().numpy()
-        chosen[pending] = blocks.draw(pending, torch.from_numpy(uniforms(seeds[rows], steps[rows], attempt)).to(probs.device))
+        chosen[pending] = blocks.draw(
+            pending, torch.from_numpy(uniforms(seeds[rows], steps[rows], attempt)).to(probs.device)
+        )
     if len(pending):
         rows = pending.cpu().numpy()
         ordered, index = probs[pending].sort(dim=-1, descending=True)
@@ -336,7 +342,14 @@ class Engine(ABC):
         """Input embeddings of token ids, in float32 (a soft prompt is concatenated to them)."""
 
     @abstractmethod
-    def generate(self, prompt: torch.Tensor, seeds: Sequence[int] | np.ndarray, params: SamplingParams, pad_id: int, batch_size: int = 64) -> Generation:
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        seeds: Sequence[int] | np.ndarray,
+        params: SamplingParams,
+        pad_id: int,
+        batch_size: int = 64,
+    ) -> Generation:
         """Continuations of `prompt` (tokens, hidden), one row per seed."""
 
     @abstractmethod
@@ -404,14 +417,16 @@ class LeanRunner:
             _ = model.model.rotary_emb, model.get_output_embeddings().weight
         except (AttributeError, IndexError, TypeError):
             return False
-        plain_norms = all(type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon") for norm in norms)
+        plain_norms = all(
+            type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon") for norm in norms
+        )
         return (
             config.model_type in {"llama", "mistral", "qwen2"}
             and plain_norms
             and all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
             and not hasattr(attention, "q_norm")
             and all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))
-            and getattr(mlp, "down_proj").bias is None
+            and mlp.down_proj.bias is None
             and getattr(config, "hidden_act", "silu") == "silu"
             and getattr(config, "sliding_window", None) is None
             and not getattr(config, "use_sliding_window", False)
@@ -464,7 +479,9 @@ class LeanRunner:
         half = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, blocked: torch.Tensor | None) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, blocked: torch.Tensor | None
+    ) -> torch.Tensor:
         """Grouped-query attention of q (B, heads, S, d) over k, v (B, kv heads, T, d); `mask` True where a
         query may look, (S, T) or (B, 1, S, T), `blocked` its negation; both None: causal. On CPUs, for
         short queries (decoding, reading), batched matmuls over the head groups: measured 1-12x faster
@@ -472,7 +489,9 @@ class LeanRunner:
         batch, _, length, _ = q.shape
         if q.device.type != "cpu" or length > MATMUL_ATTENTION_MAX_QUERY:
             causal = mask is None and length > 1
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.kv_heads != self.heads)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.kv_heads != self.heads
+            )
         groups, span = self.heads // self.kv_heads, k.shape[2]
         grouped = q.reshape(batch, self.kv_heads, groups * length, self.head_dim)
         scores = (grouped @ k.transpose(-1, -2)).view(batch, self.kv_heads, groups, length, span).float() * self.scale
@@ -530,7 +549,9 @@ class LeanRunner:
         blocked = ~mask if mask is not None else None
         for index, (qkv_w, qkv_b, o_w, o_b, gate_up, down) in enumerate(self.weights):
             qkv = F.linear(self.normalise(x), qkv_w, qkv_b)
-            qk = self.rotate(qkv[..., : q_size + kv_size].view(batch, length, self.heads + self.kv_heads, self.head_dim), cos, sin)
+            qk = self.rotate(
+                qkv[..., : q_size + kv_size].view(batch, length, self.heads + self.kv_heads, self.head_dim), cos, sin
+            )
             q, k = qk[:, :, : self.heads].transpose(1, 2), qk[:, :, self.heads :].transpose(1, 2)
             v = qkv[..., q_size + kv_size :].view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
             if cache is not None:
@@ -704,7 +725,9 @@ class TorchEngine(Engine):
             positions = torch.full((len(slot_row),), scratch, dtype=torch.long)
             feed[going] = chosen[~finished]
             positions[going] = torch.from_numpy(prompt_length + steps[going] - 1)
-            hidden, _ = runner.forward(embeddings(feed.to(self.device))[:, None], positions.to(self.device)[:, None], cache=cache)
+            hidden, _ = runner.forward(
+                embeddings(feed.to(self.device))[:, None], positions.to(self.device)[:, None], cache=cache
+            )
             index = torch.from_numpy(going).to(self.device)
             upcoming.put(index, candidates(runner.logits(hidden[index, -1]), params))
 
@@ -715,7 +738,9 @@ class TorchEngine(Engine):
 
         dtype = next(self.model.parameters()).dtype
         prefix = DynamicCache(config=self.model.config)
-        out = self.model(inputs_embeds=prompt[None].to(self.device, dtype), past_key_values=prefix, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            inputs_embeds=prompt[None].to(self.device, dtype), past_key_values=prefix, use_cache=True, logits_to_keep=1
+        )
         first_logits = out.logits[:, -1].float()
         stop = torch.tensor(sorted(params.stop_ids))
         embeddings = self.model.get_input_embeddings()
@@ -737,7 +762,11 @@ class TorchEngine(Engine):
                     cache.batch_select_indices(torch.from_numpy(keep).to(self.device))
                     rows, done, chosen = rows[keep], done[keep], chosen[torch.from_numpy(keep)]
                 feed = embeddings(chosen.to(self.device))[:, None].to(dtype)
-                logits = self.model(inputs_embeds=feed, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                logits = (
+                    self.model(inputs_embeds=feed, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    .logits[:, -1]
+                    .float()
+                )
 
     # ---------------------------------------------------------------------------- score
     def score(self, prompt, token_ids):
@@ -759,7 +788,10 @@ class TorchEngine(Engine):
     def _score_hf(self, prompt, token_ids):
         rows, length = token_ids.shape
         dtype = next(self.model.parameters()).dtype
-        embeds = torch.cat([prompt[None].to(self.device, dtype).expand(rows, -1, -1), self.model.get_input_embeddings()(token_ids)], dim=1)
+        embeds = torch.cat(
+            [prompt[None].to(self.device, dtype).expand(rows, -1, -1), self.model.get_input_embeddings()(token_ids)],
+            dim=1,
+        )
         output = self.model(inputs_embeds=embeds, output_hidden_states=True)
         start = prompt.shape[0] - 1
         logits = output.logits[:, start : start + length].float()
@@ -768,7 +800,9 @@ class TorchEngine(Engine):
 
     # ---------------------------------------------------------------------------- read
     @torch.no_grad()
-    def read(self, sequences, *, layer=None, vocab=None, positions=None, span_starts=None, mean_pool=False, batch_size=32):
+    def read(
+        self, sequences, *, layer=None, vocab=None, positions=None, span_starts=None, mean_pool=False, batch_size=32
+    ):
         count = len(sequences)
         layers = self.model.config.num_hidden_layers
         capture = None if layer is None else layer % (layers + 1)
@@ -835,7 +869,9 @@ class TorchEngine(Engine):
             positions = (shared + torch.arange(ids.shape[1], device=self.device))[None].expand(ids.shape[0], -1)
             return runner.forward(self.model.get_input_embeddings()(ids), positions, prefix=prefix, capture=capture)
         cache = _expanded_hf_cache(prefix, self.model.config, ids.shape[0]) if prefix is not None else None
-        out = self.model.base_model(input_ids=ids, past_key_values=cache, use_cache=cache is not None, output_hidden_states=capture is not None)
+        out = self.model.base_model(
+            input_ids=ids, past_key_values=cache, use_cache=cache is not None, output_hidden_states=capture is not None
+        )
         return out.last_hidden_state, (out.hidden_states[capture] if capture is not None else None)
 
     def _logits(self, hidden: torch.Tensor, vocab: Sequence[int] | None) -> torch.Tensor:
@@ -852,7 +888,9 @@ def _expanded_hf_cache(prefix, config, rows: int):
 
     cache = DynamicCache(config=config)
     for index, layer in enumerate(prefix.layers):
-        cache.update(layer.keys.expand(rows, -1, -1, -1).contiguous(), layer.values.expand(rows, -1, -1, -1).contiguous(), index)
+        cache.update(
+            layer.keys.expand(rows, -1, -1, -1).contiguous(), layer.values.expand(rows, -1, -1, -1).contiguous(), index
+        )
     return cache
 
 

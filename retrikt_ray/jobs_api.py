@@ -27,7 +27,18 @@ from .config import JobSpec, SpecError, dump_spec
 
 # Never uploaded. Ray adds .git, .venv, venv and __pycache__ itself unless RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES
 # changes that list; they are named here too so the upload's size never depends on it.
-EXCLUDES = [".git", ".venv", "venv", "runs", ".cache", "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", "build"]
+EXCLUDES = [
+    ".git",
+    ".venv",
+    "venv",
+    "runs",
+    ".cache",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+    "build",
+]
 JOB_ENV = "RETRIKT_JOB_YAML"
 JOB_FILE = "retrikt-job.yaml"
 ENTRYPOINT = f'printf "%s" "${JOB_ENV}" > {JOB_FILE} && python cli.py run {JOB_FILE}'
@@ -75,7 +86,8 @@ def _one_line_errors(address: str | None):
 
 
 def _client(address: str | None, token_file: str | os.PathLike | None):
-    """A JobSubmissionClient for the cluster; an explicit address wins over RAY_ADDRESS (Ray's client does the opposite)."""
+    """A JobSubmissionClient for the cluster; an explicit address wins over RAY_ADDRESS (Ray's client does the
+    opposite)."""
     from ray.job_submission import JobSubmissionClient
 
     token = read_token(token_file)
@@ -103,7 +115,8 @@ def carried_spec(spec: JobSpec) -> JobSpec:
 
 
 def git_excludes(root: Path) -> list[str]:
-    """The checkout's own ignore patterns in `.git/info/exclude`, which Ray's upload (it reads .gitignore files) does not see."""
+    """The checkout's own ignore patterns in `.git/info/exclude`, which Ray's upload (it reads .gitignore files)
+    does not see."""
     exclude_file = Path(root) / ".git" / "info" / "exclude"
     if not exclude_file.is_file():
         return []
@@ -195,7 +208,13 @@ def stop(job_id: str, address: str | None = None, token_file: str | os.PathLike 
         return client.stop_job(job_id)
 
 
-def wait(job_id: str, address: str | None = None, token_file: str | os.PathLike | None = None, timeout_s: float = 600, poll_s: float = 2) -> dict:
+def wait(
+    job_id: str,
+    address: str | None = None,
+    token_file: str | os.PathLike | None = None,
+    timeout_s: float = 600,
+    poll_s: float = 2,
+) -> dict:
     """Poll until the job ends (SUCCEEDED, FAILED or STOPPED); its final status."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -89,7 +89,9 @@ def check_model_name(name: str) -> None:
         raise ModelNotFound(f"unknown model '{name}': not packaged ({known}), not a folder, not a hub id (org/name)")
 
 
-def load_teacher(name: str, cache_dir: str | os.PathLike, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False):
+def load_teacher(
+    name: str, cache_dir: str | os.PathLike, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False
+):
     """(model, tokenizer) for a causal LM teacher, frozen and in eval mode; `dtype` as loaded (a name or a
     torch dtype; `teacher.dtype: auto` is resolved by the caller, engine.load_dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .artifacts import (
     RemoteRun,
@@ -46,7 +46,10 @@ def validate(spec: JobSpec) -> str:
             check_model_name(name)
         except ModelNotFound as error:
             raise SpecError(f"{field}: {error}") from None
-    return f"{spec.name}: task {task.name} ({task.num_labels} labels), {len(train_rows)} train rows, {len(dev_rows)} dev rows"
+    return (
+        f"{spec.name}: task {task.name} ({task.num_labels} labels), "
+        f"{len(train_rows)} train rows, {len(dev_rows)} dev rows"
+    )
 
 
 def plan(spec: JobSpec, run_dir: Path) -> list[StageRun]:
@@ -58,7 +61,9 @@ def plan(spec: JobSpec, run_dir: Path) -> list[StageRun]:
     runs = []
     for module in STAGES:
         inputs = {name: hashes[name] for name in module.INPUTS}
-        files = ([train] if module.NAME in _TRAIN_FILE_STAGES else []) + ([dev] if module.NAME in _DEV_FILE_STAGES else [])
+        files = ([train] if module.NAME in _TRAIN_FILE_STAGES else []) + (
+            [dev] if module.NAME in _DEV_FILE_STAGES else []
+        )
         if module.NAME == "unlabelled" and spec.unlabelled.file is not None:
             files.append(Path(spec.unlabelled.file))
         if module.NAME in TRAINING_STAGES and spec.deepspeed_for(module.NAME).config_file is not None:

@@ -60,7 +60,7 @@ class RetrievalStudent(torch.nn.Module):
         self.max_length = max_length
 
     @classmethod
-    def from_spec(cls, student_spec, num_labels: int) -> "RetrievalStudent":
+    def from_spec(cls, student_spec, num_labels: int) -> RetrievalStudent:
         """An untrained student: the spec's encoder (pretrained weights) and a fresh head."""
         from .models import load_encoder
 
@@ -228,8 +228,13 @@ def rank_loss(h_teacher: torch.Tensor, z: torch.Tensor, tau_teacher: float, tau_
 
 
 def store_rank_loss(
-    h_rows: torch.Tensor, h_lists: torch.Tensor, z: torch.Tensor, keys_lists: torch.Tensor, valid: torch.Tensor,
-    tau_teacher: float, tau_student: float,
+    h_rows: torch.Tensor,
+    h_lists: torch.Tensor,
+    z: torch.Tensor,
+    keys_lists: torch.Tensor,
+    valid: torch.Tensor,
+    tau_teacher: float,
+    tau_student: float,
 ) -> torch.Tensor:
     """Listwise ranking distillation over store lists: row i's list is given by its members' teacher
     states h_lists[i] (L, d) and store keys keys_lists[i] (L, d); mean over i of
@@ -246,7 +251,9 @@ def store_rank_loss(
     return _listwise_kl(teacher, student, valid.to(z.device), tau_teacher, tau_student)
 
 
-def _listwise_kl(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor, tau_teacher: float, tau_student: float) -> torch.Tensor:
+def _listwise_kl(
+    teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor, tau_teacher: float, tau_student: float
+) -> torch.Tensor:
     """Mean over rows of KL(softmax(teacher / tau_T) || softmax(student / tau_S)), both over the row's
     valid entries; a row with no valid entry adds 0."""
     with torch.no_grad():
@@ -269,7 +276,9 @@ def teacher_neighbours(states: torch.Tensor, count: int, chunk: int = 1024) -> n
     return np.concatenate(parts)
 
 
-def predict_examples(task, student: RetrievalStudent, store: KnowledgeStore, examples, batch_size: int = 64) -> dict[str, np.ndarray]:
+def predict_examples(
+    task, student: RetrievalStudent, store: KnowledgeStore, examples, batch_size: int = 64
+) -> dict[str, np.ndarray]:
     """Task-level p, p_ret and p_head (each (n, num_labels)) for examples: what evaluation and serving return.
 
     Choice tasks score each alternative's row as right or wrong; the alternatives' p(right) are
@@ -289,7 +298,9 @@ def example_probs(task, row_probs: np.ndarray, count: int) -> np.ndarray:
     return (right / np.clip(right.sum(axis=1, keepdims=True), 1e-12, None)).astype(np.float32)
 
 
-def predict_neighbors(task, student: RetrievalStudent, store: KnowledgeStore, examples, batch_size: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
+def predict_neighbors(
+    task, student: RetrievalStudent, store: KnowledgeStore, examples, batch_size: int = 64
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per example, the store rows that each of its student rows retrieved: (ids, weights), each (rows, k).
 
     One student row for a classification task, one per alternative for a choice task. Id -1 (weight 0)
@@ -300,7 +311,9 @@ def predict_neighbors(task, student: RetrievalStudent, store: KnowledgeStore, ex
     ids, weights = [np.zeros((0, student.k), dtype=np.int64)], [np.zeros((0, student.k), dtype=np.float32)]
     with _eval_mode(student), torch.no_grad():
         for start in range(0, len(flat), batch_size):
-            _, batch_weights, batch_ids = student.retrieval_probs(student.encode(flat[start : start + batch_size]), store)
+            _, batch_weights, batch_ids = student.retrieval_probs(
+                student.encode(flat[start : start + batch_size]), store
+            )
             ids.append(batch_ids.cpu().numpy())
             weights.append(batch_weights.float().cpu().numpy())
     ids, weights = np.concatenate(ids), np.concatenate(weights)

@@ -72,10 +72,20 @@ def store_folder(run_dir) -> Path:
 class Predictor:
     """A run's task, trained student and store: per-example results, computed as evaluation computes them."""
 
-    def __init__(self, task: Task, student: RetrievalStudent, store: KnowledgeStore, batch_size: int, fingerprint: str | None = None):
+    def __init__(
+        self,
+        task: Task,
+        student: RetrievalStudent,
+        store: KnowledgeStore,
+        batch_size: int,
+        fingerprint: str | None = None,
+    ):
         self.fingerprint = fingerprint or encoder_fingerprint(student.encoder)
         if store.encoder_fingerprint != self.fingerprint:
-            raise ValueError(f"the store's keys come from encoder {store.encoder_fingerprint}, the student's encoder is {self.fingerprint}")
+            raise ValueError(
+                f"the store's keys come from encoder {store.encoder_fingerprint}, "
+                f"the student's encoder is {self.fingerprint}"
+            )
         if store.num_labels != student.num_labels:
             raise ValueError(f"the store has {store.num_labels} labels per row, the student {student.num_labels}")
         self.task = task
@@ -89,7 +99,9 @@ class Predictor:
         """The run's student and store, predicting in batches of evaluate.batch_size like evaluation."""
         spec = load_run_spec(run_dir)
         student = RetrievalStudent.load(Path(run_dir) / "student" / "model", spec.student.trust_remote_code)
-        return cls(Task.from_spec(spec.task), student, KnowledgeStore.load(store_folder(run_dir)), spec.evaluate.batch_size)
+        return cls(
+            Task.from_spec(spec.task), student, KnowledgeStore.load(store_folder(run_dir)), spec.evaluate.batch_size
+        )
 
     def with_store(self, store: KnowledgeStore) -> "Predictor":
         """The same student with another store; ValueError when its keys do not come from this student."""
@@ -99,10 +111,14 @@ class Predictor:
         """Per example: its label, the probability of every label and, where asked, its neighbours."""
         names = self.task.label_names
         probs = predict_examples(self.task, self.student, self.store, examples, self.batch_size)["p"]
-        results = [{"label": names[int(row.argmax())], "probabilities": dict(zip(names, row.tolist()))} for row in probs]
+        results = [
+            {"label": names[int(row.argmax())], "probabilities": dict(zip(names, row.tolist()))} for row in probs
+        ]
         asked = [index for index, wanted in enumerate(neighbors) if wanted]
         if asked:
-            found = predict_neighbors(self.task, self.student, self.store, [examples[i] for i in asked], self.batch_size)
+            found = predict_neighbors(
+                self.task, self.student, self.store, [examples[i] for i in asked], self.batch_size
+            )
             for index, (ids, weights) in zip(asked, found):
                 results[index]["neighbors"] = self._neighbor_rows(ids, weights)
         return results
@@ -136,9 +152,12 @@ class ClassifyRequest(BaseModel):
 
     inputs: list[str | dict[str, str]] = Field(
         min_length=1,
-        description="A text per input for a task with one text field, else an object with the task's input fields (see /v1/info)",
+        description="A text per input for a task with one text field, "
+        "else an object with the task's input fields (see /v1/info)",
     )
-    return_neighbors: bool = Field(False, description="Also return the store rows each input retrieved, with their weights")
+    return_neighbors: bool = Field(
+        False, description="Also return the store rows each input retrieved, with their weights"
+    )
 
 
 class Neighbor(BaseModel):
@@ -222,15 +241,25 @@ def parse_inputs(task: Task, inputs: list[str | dict[str, str]]) -> list[Example
         where = ("inputs", index)
         if isinstance(raw, str):
             if len(fields) > 1:
-                errors.append({"type": "value_error", "loc": where, "msg": f"expected an object with the fields {fields}"})
+                errors.append(
+                    {"type": "value_error", "loc": where, "msg": f"expected an object with the fields {fields}"}
+                )
                 continue
             raw = {fields[0]: raw}
-        problems = [{"type": "extra_forbidden", "loc": (*where, name), "msg": "unknown field"} for name in raw if name not in fields]
-        problems += [{"type": "missing", "loc": (*where, name), "msg": "field required"} for name in fields if name not in raw]
+        problems = [
+            {"type": "extra_forbidden", "loc": (*where, name), "msg": "unknown field"}
+            for name in raw
+            if name not in fields
+        ]
+        problems += [
+            {"type": "missing", "loc": (*where, name), "msg": "field required"} for name in fields if name not in raw
+        ]
         values = {name: normalise(raw[name]) for name in fields if name in raw}
         question = task.question_field
         if question in values and values[question] not in task.connectives:
-            problems.append({"type": "value_error", "loc": (*where, question), "msg": f"expected one of {list(task.connectives)}"})
+            problems.append(
+                {"type": "value_error", "loc": (*where, question), "msg": f"expected one of {list(task.connectives)}"}
+            )
         errors += problems
         if not problems:
             examples.append(Example(fields=values, label=-1))
@@ -268,7 +297,9 @@ def is_loopback(host: str) -> bool:
 def check_exposure(host: str, token: str | None) -> None:
     """Refuse to serve beyond loopback without a token."""
     if token is None and not is_loopback(host):
-        raise SpecError(f"serve.host {host}: not a loopback address, so a token is required (serve.token_file or serve.token_env)")
+        raise SpecError(
+            f"serve.host {host}: not a loopback address, so a token is required (serve.token_file or serve.token_env)"
+        )
 
 
 async def undecodable_body_is_malformed_json(request: Request, error: StarletteHTTPException):
@@ -324,7 +355,11 @@ class StudentStore:
             except (OSError, ValueError, KeyError) as error:
                 return {"error": str(error)}
             self.reloaded_at = max(self.reloaded_at, reloaded_at)
-            return {"store_version": self.predictor.store_version, "previous_version": previous, "rows": len(self.predictor.store)}
+            return {
+                "store_version": self.predictor.store_version,
+                "previous_version": previous,
+                "rows": len(self.predictor.store),
+            }
 
     async def _follow_reload(self, reloaded_at: int) -> None:
         """Load the store again when the ingress stamps a reload later than this replica's last one."""
@@ -348,7 +383,12 @@ class StudentStore:
 
     def info(self) -> dict:
         store = self.predictor.store
-        return {"rows": len(store), "version": self.predictor.store_version, "index": store.index_kind, "encoder": self.predictor.fingerprint}
+        return {
+            "rows": len(store),
+            "version": self.predictor.store_version,
+            "index": store.index_kind,
+            "encoder": self.predictor.fingerprint,
+        }
 
 
 @serve.deployment(name=INGRESS)
@@ -395,7 +435,9 @@ class Ingress:
             response_model=Reloaded,
             responses={409: {"description": "The store on disk cannot be served; the old one stays"}},
         )
-        guarded.add_api_route("/openapi.json", api.openapi, methods=["GET"], response_model=None, include_in_schema=False)
+        guarded.add_api_route(
+            "/openapi.json", api.openapi, methods=["GET"], response_model=None, include_in_schema=False
+        )
         api.include_router(guarded)
         return api
 
@@ -419,9 +461,16 @@ class Ingress:
             "kind": self.task.kind,
             "labels": self.task.label_names,
             "input_fields": self.task.input_fields,
-            "models": {"student": self.spec.student.model, "student_encoder": store["encoder"], "teacher": self.spec.teacher.model},
+            "models": {
+                "student": self.spec.student.model,
+                "student_encoder": store["encoder"],
+                "teacher": self.spec.teacher.model,
+            },
             "store": {"rows": store["rows"], "version": store["version"], "index": store["index"]},
-            "limits": {"max_inputs_per_request": self.settings.max_inputs_per_request, "max_chars_per_input": self.settings.max_chars_per_input},
+            "limits": {
+                "max_inputs_per_request": self.settings.max_inputs_per_request,
+                "max_chars_per_input": self.settings.max_chars_per_input,
+            },
         }
 
     async def classify(self, request: ClassifyRequest) -> dict:
@@ -432,7 +481,9 @@ class Ingress:
         except TooLarge as error:
             raise HTTPException(413, str(error)) from None
         except InputError as error:
-            raise RequestValidationError([{**problem, "loc": ("body", *problem["loc"])} for problem in error.errors]) from None
+            raise RequestValidationError(
+                [{**problem, "loc": ("body", *problem["loc"])} for problem in error.errors]
+            ) from None
         return await self.student_store.classify.remote(
             {"examples": examples, "neighbors": request.return_neighbors, "reloaded_at": self.reloaded_at}
         )
@@ -534,7 +585,9 @@ def request_store_reload(run_dir, host: str, port: int, timeout: float = 600) ->
     url = f"http://{connect}:{port}/v1/admin/reload-store"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="POST", headers=headers), timeout=timeout) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, method="POST", headers=headers), timeout=timeout
+        ) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as error:
         raise SpecError(f"{url}: HTTP {error.code} {error.read().decode(errors='replace')[:300]}") from None
@@ -554,7 +607,9 @@ def predict_texts(run_dir, texts: list[str], neighbors: bool = False) -> list[di
         try:
             inputs.append(json.loads(text))
         except json.JSONDecodeError:
-            raise SpecError(f"input {number}: task {predictor.task.name} takes a JSON object with the fields {fields}") from None
+            raise SpecError(
+                f"input {number}: task {predictor.task.name} takes a JSON object with the fields {fields}"
+            ) from None
     try:
         request = ClassifyRequest(inputs=inputs, return_neighbors=neighbors)
         examples = parse_inputs(predictor.task, request.inputs)

@@ -19,15 +19,15 @@ import json
 import random
 import re
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .config import JobSpec, SpecError, TaskSpec
 
 DATA_DIR = Path(__file__).parent / "data"
 
-_ENTAILMENT_TEMPLATE = "{premise}\nQuestion: Does this imply that \"{hypothesis}\"? %s"
+_ENTAILMENT_TEMPLATE = '{premise}\nQuestion: Does this imply that "{hypothesis}"? %s'
 
 BUILTIN_TASKS: dict[str, dict] = {
     "sst2": dict(
@@ -40,7 +40,9 @@ BUILTIN_TASKS: dict[str, dict] = {
         label_names=["negative", "positive"],
         verbalisers=["negative", "positive"],
         generation_template="{sentence}",
-        classification_template="Classify the sentiment of this movie review as positive or negative.\n\nReview: {sentence}",
+        classification_template=(
+            "Classify the sentiment of this movie review as positive or negative.\n\nReview: {sentence}"
+        ),
         answer_prefix="The sentiment of the review is",
     ),
     "rte": dict(
@@ -422,7 +424,7 @@ def _default_generation_template(fields: dict) -> str:
     text_fields = list(fields["text_fields"])
     question = [fields["question_field"]] if fields.get("question_field") else []
     if fields["kind"] == "classification" and len(text_fields) == 1:
-        return "{%s}" % text_fields[0]
+        return f"{{{text_fields[0]}}}"
     parts = [f"{_title(field)}: {{{field}}}" for field in text_fields + question]
     choices = fields.get("choice_fields") or []
     parts += [f"Alternative {number}: {{{field}}}" for number, field in enumerate(choices, 1)]

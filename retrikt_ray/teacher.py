@@ -47,13 +47,13 @@ class Teacher:
         self.task = task
         self.chat_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
         self.device = engine.device
-        self.stop_ids = sorted(
-            {tokenizer.eos_token_id, *tokenizer("\n", add_special_tokens=False).input_ids[-1:]}
-        )
-        self.verbaliser_ids = [tokenizer(" " + word, add_special_tokens=False).input_ids[0] for word in task.verbalisers]
+        self.stop_ids = sorted({tokenizer.eos_token_id, *tokenizer("\n", add_special_tokens=False).input_ids[-1:]})
+        self.verbaliser_ids = [
+            tokenizer(" " + word, add_special_tokens=False).input_ids[0] for word in task.verbalisers
+        ]
 
     @classmethod
-    def from_spec(cls, spec: JobSpec, task: Task, device: str | torch.device | None = None) -> "Teacher":
+    def from_spec(cls, spec: JobSpec, task: Task, device: str | torch.device | None = None) -> Teacher:
         """Load the spec's teacher (frozen) onto `device` (default: cuda when resources.use_gpu), its
         precision per use resolved from `teacher.dtype` for that device."""
         from .engine import TorchEngine, load_dtype, resolve_precision
@@ -61,7 +61,9 @@ class Teacher:
 
         teacher = spec.teacher
         device = torch.device(device or ("cuda" if spec.resources.use_gpu else "cpu"))
-        model, tokenizer = load_teacher(teacher.model, spec.storage.cache_dir, load_dtype(teacher.dtype, device), teacher.trust_remote_code)
+        model, tokenizer = load_teacher(
+            teacher.model, spec.storage.cache_dir, load_dtype(teacher.dtype, device), teacher.trust_remote_code
+        )
         model.to(device)
         return cls(TorchEngine(model, resolve_precision(teacher.dtype, device)), tokenizer, task, teacher.chat_template)
 
@@ -70,7 +72,9 @@ class Teacher:
         question = self.task.classification_prompt(example)
         prefix = self.task.spec.answer_prefix or ""
         if self.chat_template:
-            turn = self.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+            turn = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            )
             return turn + prefix
         return f"{question}\n{prefix}"
 
@@ -126,7 +130,9 @@ class Teacher:
         """Uncalibrated p_C(. | x): (n, num_labels); choice tasks: over alternatives."""
         return self.read(examples, batch_size)[0]
 
-    def read(self, examples: list[Example], batch_size: int = 32, state_layer: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def read(
+        self, examples: list[Example], batch_size: int = 32, state_layer: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """p_C(. | x) as in `classify_raw` and, given `state_layer`, that layer's hidden state where the
         teacher reads off its answer, (n, hidden): the classification prompt's last token (choice
         tasks: the shared context's last token). Both come from the same forward passes."""
@@ -138,7 +144,9 @@ class Teacher:
         probs = torch.softmax(torch.from_numpy(out.logits), dim=-1).numpy()
         return probs.astype(np.float32), out.states
 
-    def annotate(self, examples: list[Example], state: str, layer: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    def annotate(
+        self, examples: list[Example], state: str, layer: int, batch_size: int = 32
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(raw p_C, h_T) of the examples; `state` as `teacher.state`: 'answer' (one pass, see `read`) or
         'mean_pool' (the example's generation text alone, see `hidden_states`)."""
         if state == "answer":
@@ -146,7 +154,9 @@ class Teacher:
         texts = [self.task.example_text(example) for example in examples]
         return self.classify_raw(examples, batch_size), self.hidden_states(texts, layer, batch_size)
 
-    def _choice_probs(self, examples: list[Example], batch_size: int, state_layer: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    def _choice_probs(
+        self, examples: list[Example], batch_size: int, state_layer: int | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Mean token log-likelihood of each alternative after its context, softmax over alternatives;
         with `state_layer`, the state at the context's last token (the same for every alternative)."""
         pairs = [pair for example in examples for pair in self.task.choice_contexts(example)]

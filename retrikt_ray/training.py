@@ -11,8 +11,9 @@ import json
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -72,7 +73,9 @@ def deepspeed_config(spec: JobSpec, stage: str, batch_size: int) -> dict:
     return config
 
 
-def fit(loop: Callable[[dict], None], loop_config: dict, spec: JobSpec, stage: StageRun, batch_size: int) -> dict[str, Any]:
+def fit(
+    loop: Callable[[dict], None], loop_config: dict, spec: JobSpec, stage: StageRun, batch_size: int
+) -> dict[str, Any]:
     """Run `loop` in a TorchTrainer; copy the files rank 0 reported into the stage folder; return its metrics.
 
     The run's Ray storage is `<stage>/_ray_train/<stage hash>`: a re-run of an interrupted stage with the same
@@ -256,8 +259,9 @@ def report_outputs(metrics: dict[str, Any], write: Callable[[Path], None], optim
     """Called by every rank at the end of a loop: rank 0 writes its files via `write(folder)`.
 
     The metrics gain, gathered from all ranks in rank order: `worker_nodes` (the Ray node of each rank),
-    `worker_devices` (the torch device each rank trained on), `weights_digest` (a digest of each rank's trainable parameters: all equal when in sync), `items_seen`
-    (how many distinct data items each rank trained on, from `seen`) and `items_shared` (items that more
+    `worker_devices` (the torch device each rank trained on), `weights_digest` (a digest of each rank's
+    trainable parameters: all equal when in sync), `items_seen` (how many distinct data items each rank
+    trained on, from `seen`) and `items_shared` (items that more
     than one rank saw: 0 when the data was split); and `precision`, the engine's. `write` runs with the
     trainable parameters gathered.
     """
@@ -296,4 +300,6 @@ def report_outputs(metrics: dict[str, Any], write: Callable[[Path], None], optim
         if rank == 0:
             (Path(folder) / OUTPUTS_METRICS).write_text(json.dumps(metrics, indent=2, default=float))
             checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report({key: value for key, value in metrics.items() if isinstance(value, (int, float))}, checkpoint=checkpoint)
+        ray.train.report(
+            {key: value for key, value in metrics.items() if isinstance(value, (int, float))}, checkpoint=checkpoint
+        )

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -31,7 +32,10 @@ from . import pipeline
 from .artifacts import is_uri, read_manifest, run_dir_for
 from .config import JobSpec, SpecError, content_hash, dump_spec
 
-SEARCHERS = {"optuna": ("ray.tune.search.optuna", "OptunaSearch"), "hyperopt": ("ray.tune.search.hyperopt", "HyperOptSearch")}
+SEARCHERS = {
+    "optuna": ("ray.tune.search.optuna", "OptunaSearch"),
+    "hyperopt": ("ray.tune.search.hyperopt", "HyperOptSearch"),
+}
 
 
 class Domain(BaseModel):
@@ -40,7 +44,9 @@ class Domain(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     choice: list[Any] | None = Field(None, description="Sampled uniformly from these values")
-    grid: list[Any] | None = Field(None, description="Every value, each with every other grid field's (random search only)")
+    grid: list[Any] | None = Field(
+        None, description="Every value, each with every other grid field's (random search only)"
+    )
     uniform: tuple[float, float] | None = Field(None, description="[low, high], sampled uniformly")
     loguniform: tuple[float, float] | None = Field(None, description="[low, high] > 0, sampled uniformly in log space")
 
@@ -77,7 +83,9 @@ class Domain(BaseModel):
 class SchedulerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["none", "asha"] = Field("none", description="asha: stop weak trials at the rungs; none: run every trial fully")
+    type: Literal["none", "asha"] = Field(
+        "none", description="asha: stop weak trials at the rungs; none: run every trial fully"
+    )
     fidelity: str | None = Field(None, description="An integer job field a trial raises rung by rung (student.epochs)")
     rungs: list[int] = Field(default_factory=list, description="The fidelity field's values, lowest first")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA keeps the best 1/reduction_factor at each rung")
@@ -96,12 +104,16 @@ class SweepSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    metric: str = Field("evaluate.accuracy_student_store", pattern=r"^[a-z]+\.\w+$", description="<stage>.<metric> of a stage manifest")
+    metric: str = Field(
+        "evaluate.accuracy_student_store", pattern=r"^[a-z]+\.\w+$", description="<stage>.<metric> of a stage manifest"
+    )
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(8, ge=1, description="Trials drawn (each grid combination this many times)")
     search: Literal["random", "optuna", "hyperopt"] = "random"
     scheduler: SchedulerSpec = SchedulerSpec()
-    max_concurrent: int | None = Field(None, ge=1, description="Trials at once (None: as many as the cluster's resources hold)")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Trials at once (None: as many as the cluster's resources hold)"
+    )
     set: dict[str, Any] = Field(default_factory=dict, description="Fields fixed for every trial")
     space: dict[str, Domain] = Field(description="section.field -> its domain")
 
@@ -169,7 +181,9 @@ def shared_stages(fields: list[str]) -> list[str]:
 def concurrent_trials(spec: JobSpec, cluster: dict[str, float]) -> int:
     """Trials the cluster holds at once: each is a driver (1 CPU) plus its largest stage's workers."""
     resources = spec.resources
-    cpus = 1 + max(resources.num_workers * resources.cpus_per_worker, resources.generation_replicas * resources.cpus_per_replica)
+    cpus = 1 + max(
+        resources.num_workers * resources.cpus_per_worker, resources.generation_replicas * resources.cpus_per_replica
+    )
     fits = math.floor(cluster.get("CPU", 0) / cpus)
     if resources.use_gpu:
         gpus = max(resources.num_workers, resources.generation_replicas * resources.gpus_per_replica)
@@ -200,7 +214,10 @@ def trial(config: dict, base: dict, sweep: dict) -> None:
 
 def sweep_dir_for(spec: JobSpec, sweep: SweepSpec) -> Path:
     """Beside the job's run directories; for a runs_dir URI, beside their local staging copies (not uploaded)."""
-    return run_dir_for(spec).parent / f"sweep-{spec.name}-{content_hash([spec.spec_hash(), sweep.model_dump(mode='json')])[:8]}"
+    return (
+        run_dir_for(spec).parent
+        / f"sweep-{spec.name}-{content_hash([spec.spec_hash(), sweep.model_dump(mode='json')])[:8]}"
+    )
 
 
 def tuner(spec: JobSpec, sweep: SweepSpec, out: Path, max_concurrent: int):
@@ -216,7 +233,9 @@ def tuner(spec: JobSpec, sweep: SweepSpec, out: Path, max_concurrent: int):
         try:
             searcher = getattr(importlib.import_module(module), name)()
         except ImportError:
-            raise SpecError(f"search: {sweep.search} is not installed (pip install {sweep.search}), or use search: random") from None
+            raise SpecError(
+                f"search: {sweep.search} is not installed (pip install {sweep.search}), or use search: random"
+            ) from None
     scheduler = None
     if sweep.scheduler.type == "asha":
         rungs = len(sweep.scheduler.rungs)
@@ -244,7 +263,10 @@ def results_table(result_grid, sweep: SweepSpec) -> list[dict]:
     rows = []
     for result in result_grid:
         reported = result.metrics or {}
-        row = {"trial": reported.get("trial_id", Path(result.path).name), **{path: result.config[path] for path in sweep.space}}
+        row = {
+            "trial": reported.get("trial_id", Path(result.path).name),
+            **{path: result.config[path] for path in sweep.space},
+        }
         if fidelity:
             row[fidelity] = reported.get("fidelity")
         metrics = reported.get(stage, {})
@@ -256,13 +278,23 @@ def results_table(result_grid, sweep: SweepSpec) -> list[dict]:
 
     def rank(row: dict) -> tuple:
         score = row[sweep.metric]
-        return (math.isnan(score), -(row.get(fidelity) or 0) if fidelity else 0, sign * score if not math.isnan(score) else 0)
+        return (
+            math.isnan(score),
+            -(row.get(fidelity) or 0) if fidelity else 0,
+            sign * score if not math.isnan(score) else 0,
+        )
 
     return sorted(rows, key=rank)
 
 
 def markdown(rows: list[dict], sweep: SweepSpec) -> str:
-    columns = ["trial", *sweep.space, *([sweep.scheduler.fidelity] if sweep.scheduler.fidelity else []), sweep.metric, "status"]
+    columns = [
+        "trial",
+        *sweep.space,
+        *([sweep.scheduler.fidelity] if sweep.scheduler.fidelity else []),
+        sweep.metric,
+        "status",
+    ]
 
     def cell(value) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)
@@ -287,7 +319,9 @@ def plot(frame, sweep: SweepSpec, path: Path) -> None:
         values = done[field] if pd.api.types.is_numeric_dtype(done[field]) else done[field].astype(str)
         axis.scatter(values, done[sweep.metric], alpha=0.7)
         if len(done):
-            axis.scatter(values.iloc[:1], done[sweep.metric].iloc[:1], s=160, facecolors="none", edgecolors="red", label="best")
+            axis.scatter(
+                values.iloc[:1], done[sweep.metric].iloc[:1], s=160, facecolors="none", edgecolors="red", label="best"
+            )
             axis.legend()
         if domain.kind == "loguniform":
             axis.set_xscale("log")

@@ -27,7 +27,8 @@ def pytest_addoption(parser):
 
 
 def build_tiny_models(root: Path) -> dict[str, str]:
-    """A 2-layer Llama teacher (SmolLM2's tokenizer) and a 2-layer BERT student (MiniLM's tokenizer), saved under root."""
+    """A 2-layer Llama teacher (SmolLM2's tokenizer) and a 2-layer BERT student (MiniLM's tokenizer), saved under
+    root."""
     from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     from retrikt_ray.models import student_path, teacher_path

@@ -55,7 +55,9 @@ CLUSTER_SPECS = {
 
 
 def pods(cluster: dict) -> list[dict]:
-    return [cluster["headGroupSpec"]["template"]["spec"]] + [group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
+    return [cluster["headGroupSpec"]["template"]["spec"]] + [
+        group["template"]["spec"] for group in cluster["workerGroupSpecs"]
+    ]
 
 
 def container(group: dict) -> dict:
@@ -69,7 +71,16 @@ def cpus(quantity: str) -> float:
 
 def test_every_file_parses():
     assert sorted(path.name for path in CLUSTER.iterdir()) == sorted(
-        ["README.md", "Dockerfile", "Dockerfile.dockerignore", "aws.yaml", "raycluster.yaml", "rayjob.yaml", "rayservice.yaml", "storage.yaml"]
+        [
+            "README.md",
+            "Dockerfile",
+            "Dockerfile.dockerignore",
+            "aws.yaml",
+            "raycluster.yaml",
+            "rayjob.yaml",
+            "rayservice.yaml",
+            "storage.yaml",
+        ]
     )
     for name in ("raycluster.yaml", "rayjob.yaml", "rayservice.yaml", "storage.yaml"):
         for doc in yaml.safe_load_all((CLUSTER / name).read_text()):
@@ -80,7 +91,9 @@ def test_every_file_parses():
 
 
 def test_one_image_everywhere_built_by_the_dockerfile():
-    images = [container["image"] for spec in CLUSTER_SPECS.values() for pod in pods(spec) for container in pod["containers"]]
+    images = [
+        container["image"] for spec in CLUSTER_SPECS.values() for pod in pods(spec) for container in pod["containers"]
+    ]
     assert set(images) == {IMAGE} and AWS["docker"]["image"] == IMAGE
     assert f"-t {IMAGE} " in (CLUSTER / "Dockerfile").read_text()
 
@@ -124,12 +137,21 @@ def test_gpu_workers_fit_the_cluster_job_and_scale_within_the_same_bounds(tmp_pa
         limits = container(gpu)["resources"]["limits"]
         assert int(limits["nvidia.com/gpu"]) == 1  # use_gpu: one GPU per worker and per teacher replica
         assert cpus(limits["cpu"]) >= max(resources.cpus_per_worker, resources.cpus_per_replica)
-        assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= max(resources.num_workers, resources.generation_replicas)
+        assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= max(
+            resources.num_workers, resources.generation_replicas
+        )
     assert CLUSTER_SPECS["rayjob"]["workerGroupSpecs"] == RAYCLUSTER["workerGroupSpecs"]
-    assert container(CLUSTER_SPECS["rayjob"]["headGroupSpec"])["resources"] == container(RAYCLUSTER["headGroupSpec"])["resources"]
+    assert (
+        container(CLUSTER_SPECS["rayjob"]["headGroupSpec"])["resources"]
+        == container(RAYCLUSTER["headGroupSpec"])["resources"]
+    )
     aws_gpu = AWS["available_node_types"]["ray.worker.gpu"]
     (gpu,) = RAYCLUSTER["workerGroupSpecs"]
-    assert (aws_gpu["min_workers"], aws_gpu["max_workers"]) == (gpu["minReplicas"], gpu["maxReplicas"]) == (0, AWS["max_workers"])
+    assert (
+        (aws_gpu["min_workers"], aws_gpu["max_workers"])
+        == (gpu["minReplicas"], gpu["maxReplicas"])
+        == (0, AWS["max_workers"])
+    )
     assert AWS["available_node_types"][AWS["head_node_type"]]["resources"] == {"CPU": 0}
 
 
@@ -163,9 +185,15 @@ def test_every_pod_mounts_the_shared_claim_and_aws_nodes_the_shared_folder():
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     for spec in CLUSTER_SPECS.values():
         for pod in pods(spec):
-            claims = {volume["name"]: volume["persistentVolumeClaim"]["claimName"] for volume in pod["volumes"] if "persistentVolumeClaim" in volume}
+            claims = {
+                volume["name"]: volume["persistentVolumeClaim"]["claimName"]
+                for volume in pod["volumes"]
+                if "persistentVolumeClaim" in volume
+            }
             mounts = {mount["name"]: mount["mountPath"] for mount in pod["containers"][0]["volumeMounts"]}
-            assert {mounts[name] for name, claim_name in claims.items() if claim_name == claim["metadata"]["name"]} == {SHARED_MOUNT}
+            assert {mounts[name] for name, claim_name in claims.items() if claim_name == claim["metadata"]["name"]} == {
+                SHARED_MOUNT
+            }
     assert f"--volume {SHARED_MOUNT}:{SHARED_MOUNT}" in AWS["docker"]["run_options"]
 
 

@@ -24,7 +24,13 @@ def test_defaults_follow_method():
     assert spec.prompt.num_virtual_tokens == 20
     assert (spec.ppo.alpha, spec.ppo.beta, spec.ppo.gamma, spec.ppo.kl_coef) == (1.0, 0.5, 1.0, 0.05)
     assert (spec.ppo.gae_lambda, spec.ppo.discount, spec.ppo.clip_eps, spec.ppo.top_p) == (0.95, 1.0, 0.2, 0.95)
-    assert (spec.student.k, spec.student.tau, spec.student.lam, spec.student.a, spec.student.b) == (16, 0.05, 0.5, 1.0, 1.0)
+    assert (spec.student.k, spec.student.tau, spec.student.lam, spec.student.a, spec.student.b) == (
+        16,
+        0.05,
+        0.5,
+        1.0,
+        1.0,
+    )
     assert (spec.student.tau_teacher, spec.student.tau_student) == (0.05, 0.05)
     assert spec.generate.near_duplicate_cosine == 0.95
     assert spec.store.exact_max_rows == 200_000
@@ -43,13 +49,34 @@ def test_demo_job_is_valid():
         ("ppo:\n  updates: many\n", "ppo.updates: Input should be a valid integer"),
         ("generate:\n  min_words: 9\n  max_words: 3\n", "generate: min_words is larger than max_words"),
         ("deepspeed:\n  zero_stage: 4\n", "deepspeed.zero_stage: Input should be 0, 1, 2 or 3"),
-        ("deepspeed:\n  zero_stage: 2\n  offload_parameters: true\n", "deepspeed: offload_parameters needs zero_stage 3"),
-        ("ppo:\n  deepspeed:\n    offload_optimizer: true\n", "ppo.deepspeed: offload_optimizer needs zero_stage 1, 2 or 3"),
-        ("deepspeed:\n  zero_stage: 3\n  offload_optimizer: true\n", "deepspeed: offloading moves GPU memory to the CPU and needs resources.use_gpu: true"),
-        ("student:\n  deepspeed:\n    precision: fp16\n", "student.deepspeed.precision: fp16 needs GPUs (resources.use_gpu: true)"),
-        ("student:\n  deepspeed:\n    micro_batch_size: 1\n", "student.deepspeed.micro_batch_size: L_rank (student.b > 0) needs at least 2"),
-        ("prompt:\n  deepspeed:\n    config_file: /nowhere/ds.json\n", "prompt.deepspeed: config_file: file not found: /nowhere/ds.json"),
-        ("deepspeed:\n  config_file: ds.json\n  zero_stage: 2\n", "deepspeed: config_file is used as is: leave out zero_stage"),
+        (
+            "deepspeed:\n  zero_stage: 2\n  offload_parameters: true\n",
+            "deepspeed: offload_parameters needs zero_stage 3",
+        ),
+        (
+            "ppo:\n  deepspeed:\n    offload_optimizer: true\n",
+            "ppo.deepspeed: offload_optimizer needs zero_stage 1, 2 or 3",
+        ),
+        (
+            "deepspeed:\n  zero_stage: 3\n  offload_optimizer: true\n",
+            "deepspeed: offloading moves GPU memory to the CPU and needs resources.use_gpu: true",
+        ),
+        (
+            "student:\n  deepspeed:\n    precision: fp16\n",
+            "student.deepspeed.precision: fp16 needs GPUs (resources.use_gpu: true)",
+        ),
+        (
+            "student:\n  deepspeed:\n    micro_batch_size: 1\n",
+            "student.deepspeed.micro_batch_size: L_rank (student.b > 0) needs at least 2",
+        ),
+        (
+            "prompt:\n  deepspeed:\n    config_file: /nowhere/ds.json\n",
+            "prompt.deepspeed: config_file: file not found: /nowhere/ds.json",
+        ),
+        (
+            "deepspeed:\n  config_file: ds.json\n  zero_stage: 2\n",
+            "deepspeed: config_file is used as is: leave out zero_stage",
+        ),
         ("name: 'bad name'\n", "name: String should match pattern"),
         ("resources:\n  gpus_per_replica: 2\n", "resources.gpus_per_replica: Input should be less than or equal to 1"),
     ],
@@ -96,7 +123,13 @@ def test_stage_hashes_change_only_downstream_of_the_change(tmp_path):
     sharper = base.model_copy(deep=True)
     sharper.teacher.soft_label_temperature = 0.5
     after = {stage.name: stage.stage_hash for stage in plan(sharper, tmp_path)}
-    assert [name for name in before if before[name] != after[name]] == ["generate", "unlabelled", "store", "student", "evaluate"]
+    assert [name for name in before if before[name] != after[name]] == [
+        "generate",
+        "unlabelled",
+        "store",
+        "student",
+        "evaluate",
+    ]
     in_domain = base.model_copy(deep=True)
     in_domain.unlabelled.samples = 100
     after = {stage.name: stage.stage_hash for stage in plan(in_domain, tmp_path)}
@@ -108,7 +141,9 @@ def test_stage_hashes_change_only_downstream_of_the_change(tmp_path):
 
 
 def cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "retrikt_ray.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "retrikt_ray.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_validate_reports_one_line_and_exit_2(tmp_path):
@@ -168,12 +203,19 @@ def test_deepspeed_settings_become_a_complete_engine_config(tmp_path):
     from retrikt_ray.training import deepspeed_config
 
     spec = load_spec(
-        write(tmp_path, "deepspeed: {zero_stage: 2, precision: bf16, gradient_accumulation_steps: 2}\n"
-              "student:\n  deepspeed: {zero_stage: 1, micro_batch_size: 4}\nresources: {num_workers: 2}\n")
+        write(
+            tmp_path,
+            "deepspeed: {zero_stage: 2, precision: bf16, gradient_accumulation_steps: 2}\n"
+            "student:\n  deepspeed: {zero_stage: 1, micro_batch_size: 4}\nresources: {num_workers: 2}\n",
+        )
     )
     prompt = deepspeed_config(spec, "prompt", batch_size=8)
     assert prompt["zero_optimization"] == {"stage": 2} and prompt["bf16"] == {"enabled": True}
-    assert (prompt["train_micro_batch_size_per_gpu"], prompt["gradient_accumulation_steps"], prompt["train_batch_size"]) == (8, 2, 32)
+    assert (
+        prompt["train_micro_batch_size_per_gpu"],
+        prompt["gradient_accumulation_steps"],
+        prompt["train_batch_size"],
+    ) == (8, 2, 32)
     assert prompt["optimizer"]["params"] == {"torch_adam": True}
     student = deepspeed_config(spec, "student", batch_size=32)  # its own section replaces the shared one
     assert student["zero_optimization"] == {"stage": 1} and student["bf16"] == {"enabled": False}
@@ -189,11 +231,22 @@ def test_deepspeed_json_file_is_used_as_is_and_hashed_by_content(tmp_path):
     assert spec.deepspeed.config_file == str(tmp_path / "d" / "ds.json")
     config = deepspeed_config(spec, "ppo", batch_size=8)
     assert config["zero_optimization"] == {"stage": 3} and "optimizer" not in config
-    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["train_batch_size"]) == (8, 4, 32)
+    assert (
+        config["train_micro_batch_size_per_gpu"],
+        config["gradient_accumulation_steps"],
+        config["train_batch_size"],
+    ) == (8, 4, 32)
     before = {stage.name: stage.stage_hash for stage in plan(spec, tmp_path)}
     (tmp_path / "d" / "ds.json").write_text('{"zero_optimization": {"stage": 2}}')
     after = {stage.name: stage.stage_hash for stage in plan(spec, tmp_path)}
-    assert [name for name in before if before[name] != after[name]] == ["prompt", "ppo", "generate", "store", "student", "evaluate"]
+    assert [name for name in before if before[name] != after[name]] == [
+        "prompt",
+        "ppo",
+        "generate",
+        "store",
+        "student",
+        "evaluate",
+    ]
     (tmp_path / "d" / "ds.json").write_text('{"zero_optimization": ')
     with pytest.raises(SpecError, match=r"deepspeed: config_file: .*ds.json is not valid JSON \(line 1\)"):
         load_spec(tmp_path / "d" / "job.yaml")

@@ -26,7 +26,8 @@ name: e2e
 task: {name: sst2}
 data: {shots: 4, dev_limit: 48}
 prompt: {epochs: 2, batch_size: 4}
-ppo: {updates: 2, rollouts_per_update: 4, ppo_epochs: 1, minibatch_size: 4, max_new_tokens: 20, eval_samples_per_label: 4}
+ppo: {updates: 2, rollouts_per_update: 4, ppo_epochs: 1, minibatch_size: 4, max_new_tokens: 20,
+      eval_samples_per_label: 4}
 generate: {samples_per_label: 24, batch_size: 12, rows_per_task: 12, max_new_tokens: 32}
 student: {epochs: 1, batch_size: 16, gold_per_batch: 4}
 evaluate: {latency_examples: 4}
@@ -57,7 +58,12 @@ def test_run_end_to_end_then_skip_then_show(tmp_path):
         assert f"[{stage}]" in first.stdout
 
     metrics = json.loads((run_dir / "evaluate" / "manifest.json").read_text())["metrics"]
-    for key in ("accuracy_student_store", "accuracy_student_head", "accuracy_teacher_zero_shot", "macro_f1_student_store"):
+    for key in (
+        "accuracy_student_store",
+        "accuracy_student_head",
+        "accuracy_teacher_zero_shot",
+        "macro_f1_student_store",
+    ):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["dev_examples"] == 48
     # The packaged teacher is far better than chance on SST-2 even on 48 examples.

@@ -40,7 +40,9 @@ def prompt_of(model, token_ids: list[int], soft_prompt: torch.Tensor | None = No
     return embeds if soft_prompt is None else torch.cat([soft_prompt, embeds])
 
 
-def hf_greedy(model, prompt: torch.Tensor, rows: int, max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int) -> torch.Tensor:
+def hf_greedy(
+    model, prompt: torch.Tensor, rows: int, max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int
+) -> torch.Tensor:
     embeds = prompt[None].expand(rows, -1, -1)
     return model.generate(
         inputs_embeds=embeds,
@@ -82,9 +84,15 @@ def test_greedy_decoding_is_hf_generate_token_for_token_on_the_packaged_teacher(
     model, tokenizer = packaged_teacher
     engine = TorchEngine(model, FLOAT32)
     ids = tokenizer("Write one short positive movie review.\nReview:").input_ids
-    soft_prompt = 0.02 * torch.randn(6, model.config.hidden_size, generator=torch.Generator().manual_seed(0)) if with_soft_prompt else None
+    soft_prompt = (
+        0.02 * torch.randn(6, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        if with_soft_prompt
+        else None
+    )
     stop_ids = (tokenizer.eos_token_id, tokenizer("\n", add_special_tokens=False).input_ids[-1])
-    assert_same_greedy(model, engine, prompt_of(model, ids, soft_prompt), stop_ids, tokenizer.pad_token_id, max_new_tokens=32)
+    assert_same_greedy(
+        model, engine, prompt_of(model, ids, soft_prompt), stop_ids, tokenizer.pad_token_id, max_new_tokens=32
+    )
 
 
 def test_greedy_decoding_through_the_hugging_face_forward_for_other_architectures():
@@ -105,7 +113,9 @@ def reference_continuation_outputs(model, prompt: torch.Tensor, token_ids: torch
 
 
 @pytest.mark.parametrize("which", ["tiny", "gpt2"])
-def test_scores_of_given_continuations_equal_the_previous_forward_and_carry_the_soft_prompts_gradient(tiny_teacher, which):
+def test_scores_of_given_continuations_equal_the_previous_forward_and_carry_the_soft_prompts_gradient(
+    tiny_teacher, which
+):
     model = tiny_teacher[0] if which == "tiny" else tiny_gpt2()
     engine = TorchEngine(model, FLOAT32)
     hidden = model.config.hidden_size
@@ -146,7 +156,9 @@ def test_reading_shares_the_prefix_and_sorts_by_length_without_changing_a_number
     for row, (sequence, start) in enumerate(zip(sequences, starts)):
         with torch.no_grad():
             logprobs = torch.log_softmax(model(input_ids=torch.tensor([sequence])).logits[0].float(), dim=-1)
-        expected = logprobs[start - 1 : len(sequence) - 1].gather(-1, torch.tensor(sequence[start:])[:, None]).squeeze(-1)
+        expected = (
+            logprobs[start - 1 : len(sequence) - 1].gather(-1, torch.tensor(sequence[start:])[:, None]).squeeze(-1)
+        )
         np.testing.assert_allclose(spans.span_logprobs[row], expected.numpy(), atol=1e-4, rtol=1e-4)
 
 
@@ -161,7 +173,9 @@ def test_fixed_seeds_reproduce_and_the_batch_size_changes_no_row(tiny_teacher):
     first = engine.generate(prompt, seeds, free, tokenizer.pad_token_id, batch_size=12)
     again = engine.generate(prompt, seeds, free, tokenizer.pad_token_id, batch_size=12)
     torch.testing.assert_close(first.token_ids, again.token_ids, rtol=0, atol=0)
-    assert not torch.equal(first.token_ids, engine.generate(prompt, row_seeds(8, 12), free, tokenizer.pad_token_id).token_ids)
+    assert not torch.equal(
+        first.token_ids, engine.generate(prompt, row_seeds(8, 12), free, tokenizer.pad_token_id).token_ids
+    )
     # Stop tokens that the rows reach at different steps: each row ends at its first, what came before unchanged.
     stops = {int(first.token_ids[row, 2 + row % 9]) for row in range(0, 12, 2)}
     stopped = SamplingParams(20, tuple(stops), top_p=0.9, temperature=1.0)
@@ -190,7 +204,9 @@ def test_top_p_keeps_what_hugging_faces_warper_keeps_and_draws_only_from_it():
         assert torch.equal(kept, expected)
         # Draws land in the nucleus, at its renormalised frequencies (many rows of one distribution).
         row = logits[:1].expand(20_000, -1)
-        drawn = next_tokens(row, SamplingParams(1, (), top_p=top_p), row_seeds(3, 20_000), np.zeros(20_000, dtype=np.int64))
+        drawn = next_tokens(
+            row, SamplingParams(1, (), top_p=top_p), row_seeds(3, 20_000), np.zeros(20_000, dtype=np.int64)
+        )
         assert expected[0, drawn].all()
         nucleus = torch.softmax(warped[0], dim=-1)
         frequencies = torch.bincount(drawn, minlength=500).float() / len(drawn)
@@ -206,16 +222,26 @@ def test_top_k_then_top_p_keep_what_hugging_faces_warpers_keep_ties_included():
     logits = (3 * torch.randn(32, 800, generator=generator)).bfloat16().float()  # coarse steps: ties
     for top_k, top_p, temperature in ((50, 0.95, 1.0), (5, 0.5, 0.7), (50, 1.0, 1.3)):
         scaled = logits / temperature
-        expected = TopPLogitsWarper(top_p)(None, TopKLogitsWarper(top_k)(None, scaled.clone())) if top_p < 1 else TopKLogitsWarper(top_k)(None, scaled.clone())
+        expected = (
+            TopPLogitsWarper(top_p)(None, TopKLogitsWarper(top_k)(None, scaled.clone()))
+            if top_p < 1
+            else TopKLogitsWarper(top_k)(None, scaled.clone())
+        )
         params = SamplingParams(1, (), top_p=top_p, temperature=temperature, top_k=top_k)
         found = engine_module.candidates(logits, params)
         kept = torch.zeros_like(logits, dtype=torch.bool).scatter(1, found.tokens, found.probs > 0)
         for row in range(len(logits)):
             # Which of two tied tokens the nucleus's edge keeps is the sort's choice: compare the kept values.
-            mine, theirs = logits[row][kept[row]].sort().values, logits[row][torch.isfinite(expected[row])].sort().values
+            mine, theirs = (
+                logits[row][kept[row]].sort().values,
+                logits[row][torch.isfinite(expected[row])].sort().values,
+            )
             assert torch.equal(mine, theirs)
             probs = found.probs[row][found.probs[row] > 0]
-            torch.testing.assert_close((probs / probs.sum()).sort().values, torch.softmax(expected[row], -1)[torch.isfinite(expected[row])].sort().values)
+            torch.testing.assert_close(
+                (probs / probs.sum()).sort().values,
+                torch.softmax(expected[row], -1)[torch.isfinite(expected[row])].sort().values,
+            )
         row = logits[:1].expand(20_000, -1)
         drawn = next_tokens(row, params, row_seeds(5, 20_000), np.zeros(20_000, dtype=np.int64))
         frequencies = torch.bincount(drawn, minlength=800).float() / len(drawn)
@@ -231,28 +257,53 @@ def test_a_nucleus_that_draws_rarely_reach_is_sorted_instead():
     params = SamplingParams(1, (), top_p=0.01, temperature=1.0)
     drawn = next_tokens(logits, params, row_seeds(0, 64), np.zeros(64, dtype=np.int64))
     assert (drawn == 7).all()
-    hot = next_tokens(logits, SamplingParams(1, (), top_p=0.01, temperature=0.25), row_seeds(0, 64), np.zeros(64, dtype=np.int64))
+    hot = next_tokens(
+        logits, SamplingParams(1, (), top_p=0.01, temperature=0.25), row_seeds(0, 64), np.zeros(64, dtype=np.int64)
+    )
     assert (hot == 7).all()
 
 
 def test_auto_precision_resolves_per_hardware_and_a_named_dtype_is_forced(monkeypatch):
-    for flags, expected in (({"avx2"}, "float32"), ({"avx512_bf16"}, "bfloat16"), ({"amx_bf16", "avx512_bf16"}, "bfloat16")):
+    for flags, expected in (
+        ({"avx2"}, "float32"),
+        ({"avx512_bf16"}, "bfloat16"),
+        ({"amx_bf16", "avx512_bf16"}, "bfloat16"),
+    ):
         monkeypatch.setattr(engine_module, "cpu_flags", lambda flags=flags: frozenset(flags))
         resolved = resolve_precision("auto", "cpu").names()
-        assert resolved == dict(zip(("decode", "read", "score"), engine_module.AUTO_PRECISION[engine_module.hardware_class(torch.device("cpu"))]))
+        assert resolved == dict(
+            zip(
+                ("decode", "read", "score"),
+                engine_module.AUTO_PRECISION[engine_module.hardware_class(torch.device("cpu"))],
+            )
+        )
         assert resolved["decode"] == expected
-        assert engine_module.load_dtype("auto", "cpu") == torch.float32  # CPUs keep float32 weights, bf16 copies per use
-        assert engine_module.load_dtype("auto", "cpu", training="fp32") == getattr(torch, resolved["score"])  # prompt tuning
-        assert resolve_precision("float32", "cpu").names() == {"decode": "float32", "read": "float32", "score": "float32"}
+        assert (
+            engine_module.load_dtype("auto", "cpu") == torch.float32
+        )  # CPUs keep float32 weights, bf16 copies per use
+        assert engine_module.load_dtype("auto", "cpu", training="fp32") == getattr(
+            torch, resolved["score"]
+        )  # prompt tuning
+        assert resolve_precision("float32", "cpu").names() == {
+            "decode": "float32",
+            "read": "float32",
+            "score": "float32",
+        }
 
 
 def test_bfloat16_reads_close_to_float32(packaged_teacher):
     model, tokenizer = packaged_teacher
     bf16 = TorchEngine(model, resolve_precision("bfloat16", "cpu"))
     fp32 = TorchEngine(model, FLOAT32)
-    texts = [f"Is this movie review positive or negative? A {word} film. Answer:" for word in ("wonderful", "dull", "moving", "terrible")]
+    texts = [
+        f"Is this movie review positive or negative? A {word} film. Answer:"
+        for word in ("wonderful", "dull", "moving", "terrible")
+    ]
     sequences = tokenizer(texts).input_ids
-    vocab = [tokenizer(" positive", add_special_tokens=False).input_ids[0], tokenizer(" negative", add_special_tokens=False).input_ids[0]]
+    vocab = [
+        tokenizer(" positive", add_special_tokens=False).input_ids[0],
+        tokenizer(" negative", add_special_tokens=False).input_ids[0],
+    ]
     low, high = bf16.read(sequences, vocab=vocab).logits, fp32.read(sequences, vocab=vocab).logits
     assert bf16.runner(torch.bfloat16).dtype == torch.bfloat16
     np.testing.assert_allclose(torch.softmax(torch.tensor(low), -1), torch.softmax(torch.tensor(high), -1), atol=0.05)

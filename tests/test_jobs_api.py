@@ -70,7 +70,8 @@ def node_command(temp_dir: Path, name: str, join: str | None) -> list[str]:
     ]  # fmt: skip
     return [
         str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats", *role,
-        "--node-ip-address", "127.0.0.1", "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+        "--node-ip-address", "127.0.0.1", "--node-manager-port", str(free_port()),
+        "--object-manager-port", str(free_port()),
         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
         "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
         "--min-worker-port", str(worker_ports), "--max-worker-port", str(worker_ports + 400),
@@ -110,7 +111,9 @@ def ray_cluster():
         command = node_command(temp_dirs[index], NODES[index], join)
         log = temp_dirs[index] / "ray-start.log"
         with open(log, "w") as out:
-            started.append((subprocess.Popen(command, env=env, cwd=temp_dirs[index], stdout=out, stderr=subprocess.STDOUT), log))
+            started.append(
+                (subprocess.Popen(command, env=env, cwd=temp_dirs[index], stdout=out, stderr=subprocess.STDOUT), log)
+            )
         return command
 
     def wait_for(count: int) -> dict[str, str]:
@@ -235,7 +238,11 @@ def test_upload_is_the_checkout_without_runs_venv_git_or_caches(tmp_path):
     assert package.stat().st_size < UPLOAD_LIMIT
     names = zipfile.ZipFile(package).namelist()
     assert "cli.py" in names and "retrikt_ray/pipeline.py" in names and "jobs/demo.yaml" in names
-    assert not [name for name in names if name.split("/")[0] in (".git", ".venv", "runs", ".pytest_cache") or "__pycache__" in name]
+    assert not [
+        name
+        for name in names
+        if name.split("/")[0] in (".git", ".venv", "runs", ".pytest_cache") or "__pycache__" in name
+    ]
 
 
 def test_upload_leaves_out_what_the_checkouts_git_exclude_file_ignores(tmp_path):
@@ -283,4 +290,3 @@ def test_every_training_stage_ran_a_worker_on_each_node(ray_cluster, submitted):
         metrics = read_manifest(run_dir / stage)["metrics"]
         assert metrics["workers"] == 2, stage
         assert sorted(metrics["worker_nodes"]) == sorted(nodes.values()), stage
-

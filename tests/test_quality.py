@@ -56,7 +56,9 @@ def test_finetuned_student_trains_encoder_and_head_on_the_labelled_rows(tiny_mod
     spec = _spec(tiny_models)
     task, few_shot = load_few_shot(spec)
     untrained = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
-    student = baselines.finetune_student(spec, task, few_shot, baselines.BaselineSettings(finetune_epochs=15, batch_size=4))
+    student = baselines.finetune_student(
+        spec, task, few_shot, baselines.BaselineSettings(finetune_epochs=15, batch_size=4)
+    )
     assert encoder_fingerprint(student.encoder) != encoder_fingerprint(untrained.encoder)
     torch.manual_seed(spec.student.seed)  # the same fresh head the runner started from
     fresh = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
@@ -118,9 +120,13 @@ def test_tuned_prompt_teacher_scores_each_text_under_each_label_prompt(tiny_mode
     batched = baselines.tuned_prompt_teacher(teacher, soft_prompt, examples, batch_size=3)  # padded batches
     assert batched.shape == (5, 2)
     for row, example in enumerate(examples):
-        ids = torch.tensor([teacher.tokenizer(task.generation_text(example) + "\n", add_special_tokens=False).input_ids])
+        ids = torch.tensor(
+            [teacher.tokenizer(task.generation_text(example) + "\n", add_special_tokens=False).input_ids]
+        )
         with torch.no_grad():
-            scores = np.array([teacher.continuation_outputs(label, ids, soft_prompt)[0].sum().item() for label in range(2)])
+            scores = np.array(
+                [teacher.continuation_outputs(label, ids, soft_prompt)[0].sum().item() for label in range(2)]
+            )
         expected = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
         np.testing.assert_allclose(batched[row], expected, rtol=1e-3, atol=1e-5)
 
@@ -148,7 +154,10 @@ def test_variants_share_the_stages_they_should(tiny_models, tmp_path):
     with pytest.raises(SystemExit, match=r"budgets.yaml, profile typo: task_job: rtee not in tasks \['sst2', 'rte'\]$"):
         quality.load_profile(budgets, "typo")
     assert set(specs) == {"full", "zerogen", "no_ppo", "no_rank", "rank_b0.1", "store_25", "unlabelled"}
-    hashes = {variant: {stage.name: stage.stage_hash for stage in plan(spec, tmp_path / variant)} for variant, spec in specs.items()}
+    hashes = {
+        variant: {stage.name: stage.stage_hash for stage in plan(spec, tmp_path / variant)}
+        for variant, spec in specs.items()
+    }
     full = hashes["full"]
     assert all(h["prompt"] == full["prompt"] for h in hashes.values())
     for variant in ("zerogen", "no_rank", "rank_b0.1", "store_25", "unlabelled"):
@@ -190,20 +199,50 @@ def test_aggregation_gives_mean_and_min_max_over_seeds():
 
 
 def test_results_and_plot_files_are_written(tmp_path):
-    profile = quality.Profile(description="test budget", tasks=["sst2", "rte"], seeds=[0, 1, 2], ablation_tasks=["sst2"], store_fractions=[0.25], rank_weights=[0.3])
+    profile = quality.Profile(
+        description="test budget",
+        tasks=["sst2", "rte"],
+        seeds=[0, 1, 2],
+        ablation_tasks=["sst2"],
+        store_fractions=[0.25],
+        rank_weights=[0.3],
+    )
     cells = quality.Cells(tmp_path / "quality.json", "test")
     cells.cells = _cells()
-    history = [{"update": u, "reward": 0.1 * u, "consistency_term": -0.5, "diversity_term": 0.2, "penalty_term": 0.0, "consistency_rate": 0.6 + 0.1 * u, "distinct_2": 0.8} for u in range(3)]
+    history = [
+        {
+            "update": u,
+            "reward": 0.1 * u,
+            "consistency_term": -0.5,
+            "diversity_term": 0.2,
+            "penalty_term": 0.0,
+            "consistency_rate": 0.6 + 0.1 * u,
+            "distinct_2": 0.8,
+        }
+        for u in range(3)
+    ]
     pool = {"generated": 10, "kept": 9, "teacher_agreement": 0.7, "distinct_2": 0.8}
     cells.extras["sst2/0"] = {
-        "ppo_rollouts": {"before": {"consistency_rate": 0.6, "distinct_2": 0.8, "mean_max_cos": 0.5}, "after": {"consistency_rate": 0.8, "distinct_2": 0.8, "mean_max_cos": 0.5}},
+        "ppo_rollouts": {
+            "before": {"consistency_rate": 0.6, "distinct_2": 0.8, "mean_max_cos": 0.5},
+            "after": {"consistency_rate": 0.8, "distinct_2": 0.8, "mean_max_cos": 0.5},
+        },
         "ppo_history": history,
         "parameters": {"teacher": 1000, "student": 100, "store_rows": 9},
         "cpu_ms_per_example": {"teacher": 10.0, "student_store": 1.0},
         "dev_examples": 12,
         "generated_pool": {"after_ppo": pool, "stage1_prompt": pool},
     }
-    gated = {**cells.extras["sst2/0"], "store_on_labelled": {"retrieval_accuracy": 0.25, "majority_share": 1 / 3, "examples": 48, "informative": False}, "student_lam": 0.0}
+    gated = {
+        **cells.extras["sst2/0"],
+        "store_on_labelled": {
+            "retrieval_accuracy": 0.25,
+            "majority_share": 1 / 3,
+            "examples": 48,
+            "informative": False,
+        },
+        "student_lam": 0.0,
+    }
     cells.extras["rte/0"] = {**gated, "generated_pool": {"after_ppo": pool}}
     quality.write_results(tmp_path / "quality", "test", profile, cells, started=0.0)
     for name in ("quality_accuracy.png", "quality_store_size.png", "quality_ppo.png"):
@@ -230,11 +269,15 @@ def test_task_and_seed_selection_keeps_the_profile_order_and_names_unknowns():
 def test_report_only_rewrites_table_and_plots_from_the_results_json(tmp_path):
     (tmp_path / "quality.json").write_text(json.dumps({"profile": "cpu-small", "cells": _cells(), "extras": {}}))
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--profile", "cpu-small", "--report-only", "--out", str(tmp_path / "quality"), "--runs-dir", str(tmp_path / "runs")],
+        [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--profile", "cpu-small", "--report-only",
+         "--out", str(tmp_path / "quality"), "--runs-dir", str(tmp_path / "runs")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| RetriKT: student + store, full recipe | 83.0 (80.0-86.0) | 50.0 | - | - |" in (tmp_path / "quality.md").read_text()
+    assert (
+        "| RetriKT: student + store, full recipe | 83.0 (80.0-86.0) | 50.0 | - | - |"
+        in (tmp_path / "quality.md").read_text()
+    )
     assert (tmp_path / "quality_accuracy.png").is_file() and not (tmp_path / "runs").exists()
 
 
@@ -257,12 +300,17 @@ def test_knn_readout_weights_the_nearest_rows_soft_labels_and_centring_removes_a
 def test_teacher_states_benchmark_writes_its_table_for_a_finished_run(sst2_run, tmp_path):
     _, run_dir = sst2_run
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "teacher_states.py"), "--run", str(run_dir), "--layers", "-1", "--out", str(tmp_path / "states")],
+        [sys.executable, str(REPO / "benchmarks" / "teacher_states.py"), "--run", str(run_dir), "--layers", "-1",
+         "--out", str(tmp_path / "states")],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "states.json").read_text())["rows"]
-    assert [row["representation"].split(" (")[0] for row in rows] == ["teacher answer", "teacher mean_pool", "student encoder before training"]
+    assert [row["representation"].split(" (")[0] for row in rows] == [
+        "teacher answer",
+        "teacher mean_pool",
+        "student encoder before training",
+    ]
     assert all(0.0 <= row["accuracy_raw"] <= 1.0 for row in rows)
     assert "| teacher answer | -1 |" in (tmp_path / "states.md").read_text()
 
@@ -288,7 +336,11 @@ def test_exact_mcnemar_counts_the_rows_only_one_of_two_students_gets_right():
     assert student_variants.mcnemar_exact(21, 40) == pytest.approx(0.0205, abs=5e-4)
     assert student_variants.mcnemar_exact(3, 3) == 1.0
     baseline, variant = np.array([True, True, False, False, True]), np.array([True, False, True, True, True])
-    assert student_variants.paired(baseline, variant) == {"only_baseline_right": 1, "only_variant_right": 2, "p_value": 1.0}
+    assert student_variants.paired(baseline, variant) == {
+        "only_baseline_right": 1,
+        "only_variant_right": 2,
+        "p_value": 1.0,
+    }
 
 
 def test_student_variants_benchmark_reruns_only_the_student_and_evaluate_stages(sst2_run, tmp_path):
@@ -300,7 +352,8 @@ def test_student_variants_benchmark_reruns_only_the_student_and_evaluate_stages(
     variants = tmp_path / "variants.yaml"
     variants.write_text("as_run: []\nstore_lists: [student.rank_lists=store]\n")
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "student_variants.py"), "--run", str(copy), "--variants", str(variants), "--out", str(tmp_path / "variants")],
+        [sys.executable, str(REPO / "benchmarks" / "student_variants.py"), "--run", str(copy),
+         "--variants", str(variants), "--out", str(tmp_path / "variants")],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -308,9 +361,17 @@ def test_student_variants_benchmark_reruns_only_the_student_and_evaluate_stages(
     rows = results["rows"]
     assert [row["variant"] for row in rows] == ["as_run", "store_lists"]
     assert rows[0]["against_baseline"] is None and all(row["last_epoch"]["rank"] > 0 for row in rows)
-    assert all(0.0 <= row["teacher_agreement"] <= 1.0 and row["store_rows"] > 0 and 0.0 <= row["pool_teacher_agrees_with_intended_label"] <= 1.0 for row in rows)  # the tiny run scores its teacher
+    assert all(
+        0.0 <= row["teacher_agreement"] <= 1.0
+        and row["store_rows"] > 0
+        and 0.0 <= row["pool_teacher_agrees_with_intended_label"] <= 1.0
+        for row in rows
+    )  # the tiny run scores its teacher
     against = rows[1]["against_baseline"]
-    assert against["only_baseline_right"] + against["only_variant_right"] <= results["settings"]["dev_examples"] and 0.0 <= against["p_value"] <= 1.0
+    assert (
+        against["only_baseline_right"] + against["only_variant_right"] <= results["settings"]["dev_examples"]
+        and 0.0 <= against["p_value"] <= 1.0
+    )
     table = (tmp_path / "variants.md").read_text()
     assert "| as_run | as run |" in table and "| store_lists | `student.rank_lists=store` |" in table
 
@@ -321,6 +382,9 @@ def test_student_variants_benchmark_reruns_only_the_student_and_evaluate_stages(
     for stage in ("prompt", "ppo", "generate", "unlabelled", "store", "student", "evaluate"):
         assert manifest(unchanged, stage)["finished_at"] == manifest(copy, stage)["finished_at"]
     for stage in ("prompt", "ppo", "generate", "unlabelled", "store"):
-        assert manifest(changed, stage)["reused_from"] and manifest(changed, stage)["finished_at"] == manifest(copy, stage)["finished_at"]
+        assert (
+            manifest(changed, stage)["reused_from"]
+            and manifest(changed, stage)["finished_at"] == manifest(copy, stage)["finished_at"]
+        )
     assert not manifest(changed, "student").get("reused_from")
     assert manifest(changed, "student")["stage_hash"] != manifest(copy, "student")["stage_hash"]

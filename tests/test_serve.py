@@ -57,7 +57,9 @@ def free_port() -> int:
 
 
 def retrikt(*args, env=None):
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "cli.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +100,9 @@ def test_served_predictions_equal_evaluation(served):
         results += answer.json()["results"]
     served_p = np.array([list(result["probabilities"].values()) for result in results])
     assert np.allclose(served_p, np.stack(evaluated["p"].to_numpy()), atol=1e-5)
-    assert [result["label"] for result in results] == [Task.from_spec(spec.task).label_names[i] for i in evaluated["predicted"]]
+    assert [result["label"] for result in results] == [
+        Task.from_spec(spec.task).label_names[i] for i in evaluated["predicted"]
+    ]
 
 
 def test_predict_locally_equals_evaluation(served):
@@ -106,13 +110,17 @@ def test_predict_locally_equals_evaluation(served):
     _, dev = load_dev(spec)
     evaluated = pd.read_parquet(run_dir / "evaluate" / "predictions.parquet")
     results = predict_texts(run_dir, [example.fields["sentence"] for example in dev])
-    assert np.allclose([list(result["probabilities"].values()) for result in results], np.stack(evaluated["p"].to_numpy()), atol=1e-5)
+    assert np.allclose(
+        [list(result["probabilities"].values()) for result in results], np.stack(evaluated["p"].to_numpy()), atol=1e-5
+    )
 
     cli = retrikt("predict", str(run_dir), dev[0].fields["sentence"], dev[1].fields["sentence"])
     assert cli.returncode == 0, cli.stderr[-2000:]
     lines = [json.loads(line) for line in cli.stdout.splitlines()]
     assert [line["input"] for line in lines] == [dev[0].fields["sentence"], dev[1].fields["sentence"]]
-    assert np.allclose([list(line["probabilities"].values()) for line in lines], np.stack(evaluated["p"].to_numpy())[:2], atol=1e-5)
+    assert np.allclose(
+        [list(line["probabilities"].values()) for line in lines], np.stack(evaluated["p"].to_numpy())[:2], atol=1e-5
+    )
 
 
 def test_neighbors_are_the_retrieved_store_rows(served):
@@ -135,7 +143,12 @@ def test_info_names_task_models_and_store(served):
     spec, run_dir, url, _ = served
     info = requests.get(f"{url}/v1/info", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
     store = KnowledgeStore.load(store_folder(run_dir))
-    assert (info["task"], info["kind"], info["labels"], info["input_fields"]) == ("sst2", "classification", ["negative", "positive"], ["sentence"])
+    assert (info["task"], info["kind"], info["labels"], info["input_fields"]) == (
+        "sst2",
+        "classification",
+        ["negative", "positive"],
+        ["sentence"],
+    )
     assert info["store"]["rows"] == len(store) and info["store"]["version"] == store.version
     assert info["models"]["student"] == spec.student.model and info["models"]["teacher"] == spec.teacher.model
     assert info["models"]["student_encoder"] == store.encoder_fingerprint
@@ -180,7 +193,12 @@ def test_requests_over_the_limits_get_413(served, body, detail):
 def test_a_body_too_large_for_any_valid_request_gets_413(served):
     spec, _, url, _ = served
     body = json.dumps({"inputs": ["z" * 100] * (max_body_bytes(spec.serve) // 100)})
-    answer = requests.post(f"{url}/v1/classify", data=body, headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}, timeout=60)
+    answer = requests.post(
+        f"{url}/v1/classify",
+        data=body,
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        timeout=60,
+    )
     assert answer.status_code == 413
     assert_still_answers(url)
 
@@ -205,7 +223,10 @@ def test_a_body_too_large_for_any_valid_request_gets_413(served):
 def test_malformed_requests_get_422_naming_the_field(served, body, loc):
     _, _, url, _ = served
     answer = requests.post(
-        f"{url}/v1/classify", data=body.encode("latin-1"), headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}, timeout=60
+        f"{url}/v1/classify",
+        data=body.encode("latin-1"),
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        timeout=60,
     )
     assert answer.status_code == 422, answer.text
     assert any(error["loc"][: len(loc)] == loc for error in answer.json()["detail"]), answer.json()
@@ -218,8 +239,15 @@ def test_choice_inputs_are_objects_of_the_task_fields():
     (example,) = parse_inputs(task, [good])
     assert example.fields == {**good, "premise": "The man fell."} and example.label == -1
     with pytest.raises(InputError) as error:
-        parse_inputs(task, ["just text", {**good, "question": "why"}, {key: value for key, value in good.items() if key != "choice2"}])
-    assert [problem["loc"] for problem in error.value.errors] == [("inputs", 0), ("inputs", 1, "question"), ("inputs", 2, "choice2")]
+        parse_inputs(
+            task,
+            ["just text", {**good, "question": "why"}, {key: value for key, value in good.items() if key != "choice2"}],
+        )
+    assert [problem["loc"] for problem in error.value.errors] == [
+        ("inputs", 0),
+        ("inputs", 1, "question"),
+        ("inputs", 2, "choice2"),
+    ]
 
 
 def test_choice_task_results_and_neighbors_per_alternative(tiny_models):
@@ -310,7 +338,9 @@ def test_a_store_that_does_not_fit_the_student_is_refused(served):
     foreign = old.with_keys(keys / np.linalg.norm(keys, axis=1, keepdims=True), "0123456789abcdef")
     try:
         foreign.save(folder)
-        with pytest.raises(SpecError, match="409 .*store not reloaded: the store's keys come from encoder 0123456789abcdef"):
+        with pytest.raises(
+            SpecError, match="409 .*store not reloaded: the store's keys come from encoder 0123456789abcdef"
+        ):
             request_store_reload(run_dir, "127.0.0.1", port)
     finally:
         old.save(folder)
@@ -325,7 +355,11 @@ def test_autoscaling_config_and_resources_are_applied(served):
     details = ServeInstanceDetails(**_get_global_client().get_serve_details()).applications[APP_NAME].deployments
     student_store = details[STUDENT_STORE].deployment_config
     autoscaling = student_store.autoscaling_config
-    assert (autoscaling["min_replicas"], autoscaling["max_replicas"], autoscaling["target_ongoing_requests"]) == (2, 3, 4.0)
+    assert (autoscaling["min_replicas"], autoscaling["max_replicas"], autoscaling["target_ongoing_requests"]) == (
+        2,
+        3,
+        4.0,
+    )
     assert student_store.max_ongoing_requests == 16 and student_store.ray_actor_options.num_cpus == 0.5
     assert details[INGRESS].deployment_config.num_replicas == 1
     running = serve.status().applications[APP_NAME].deployments[STUDENT_STORE].replica_states.get("RUNNING", 0)
@@ -343,7 +377,10 @@ def test_config_out_writes_a_serve_config(served, tmp_path):
     config = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
     assert (config.http_options.host, config.http_options.port) == ("127.0.0.1", 8123)
     (app,) = config.applications
-    assert app.import_path == "retrikt_ray.serve:build_app" and app.args == {"run_dir": str(run_dir.resolve()), "host": "127.0.0.1"}
+    assert app.import_path == "retrikt_ray.serve:build_app" and app.args == {
+        "run_dir": str(run_dir.resolve()),
+        "host": "127.0.0.1",
+    }
     deployments = {deployment.name: deployment for deployment in app.deployments}
     assert deployments[STUDENT_STORE].autoscaling_config["max_replicas"] == 3
     assert deployments[STUDENT_STORE].ray_actor_options.num_cpus == 0.5
@@ -368,7 +405,8 @@ def test_a_non_loopback_host_without_token_refuses_to_start(served, tmp_path):
     result = retrikt("serve", str(open_run), "--host", "0.0.0.0", env=env)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: serve.host 0.0.0.0: not a loopback address, so a token is required (serve.token_file or serve.token_env)"
+        "error: serve.host 0.0.0.0: not a loopback address, so a token is required "
+        "(serve.token_file or serve.token_env)"
     )
 
 

@@ -1,7 +1,7 @@
 """Every stage on tiny 2-layer models through the real pipeline and real Ray (Train and Data).
 
-One SST-2 pipeline run (conftest's `sst2_run`: 2 workers, ZeRO-2) is shared by the per-stage tests; further tests check a choice task (COPA),
-skipping, partial re-runs, reuse and generation resume.
+One SST-2 pipeline run (conftest's `sst2_run`: 2 workers, ZeRO-2) is shared by the per-stage tests; further tests
+check a choice task (COPA), skipping, partial re-runs, reuse and generation resume.
 """
 
 import json
@@ -28,10 +28,29 @@ def tiny_spec(tiny_models, runs_dir, task="sst2", **changes) -> JobSpec:
             "task": {"name": task},
             "data": {"shots": 4, "dev_limit": 24},
             "teacher": {"model": tiny_models["teacher"], "classify_batch_size": 8},
-            "student": {"model": tiny_models["student"], "epochs": 2, "batch_size": 8, "gold_per_batch": 4, "k": 4, "lr": 1e-3},
+            "student": {
+                "model": tiny_models["student"],
+                "epochs": 2,
+                "batch_size": 8,
+                "gold_per_batch": 4,
+                "k": 4,
+                "lr": 1e-3,
+            },
             "prompt": {"epochs": 3, "batch_size": 4, "lr": 0.05, "num_virtual_tokens": 4, "max_length": 48},
-            "ppo": {"updates": 2, "rollouts_per_update": 8, "minibatch_size": 4, "max_new_tokens": 12, "eval_samples_per_label": 4},
-            "generate": {"samples_per_label": 12, "batch_size": 6, "rows_per_task": 6, "max_new_tokens": 16, "min_words": 1},
+            "ppo": {
+                "updates": 2,
+                "rollouts_per_update": 8,
+                "minibatch_size": 4,
+                "max_new_tokens": 12,
+                "eval_samples_per_label": 4,
+            },
+            "generate": {
+                "samples_per_label": 12,
+                "batch_size": 6,
+                "rows_per_task": 6,
+                "max_new_tokens": 16,
+                "min_words": 1,
+            },
             "evaluate": {"latency_examples": 3},
             "resources": {"cpus_per_worker": 1, "cpus_per_replica": 0.5},
             "storage": {"runs_dir": str(runs_dir)},
@@ -91,7 +110,16 @@ def test_ppo_stage_logs_every_reward_term_and_moves_the_prompt(sst2_run):
     metrics = manifest(run_dir, "ppo")["metrics"]
     assert len(metrics["history"]) == spec.ppo.updates
     for entry in metrics["history"]:
-        for key in ("reward", "consistency_term", "diversity_term", "penalty_term", "consistency_rate", "distinct_2", "mean_max_cos", "kl"):
+        for key in (
+            "reward",
+            "consistency_term",
+            "diversity_term",
+            "penalty_term",
+            "consistency_rate",
+            "distinct_2",
+            "mean_max_cos",
+            "kl",
+        ):
             assert np.isfinite(entry[key]), key
     for measured in (metrics["before"], metrics["after"]):  # fixed draws from the stage-1 and the final prompt
         assert 0.0 <= measured["consistency_rate"] <= 1.0 and 0.0 <= measured["distinct_2"] <= 1.0
@@ -99,7 +127,10 @@ def test_ppo_stage_logs_every_reward_term_and_moves_the_prompt(sst2_run):
     assert (run_dir / "ppo" / "ppo_curves.png").stat().st_size > 1000
     assert 0.0 <= metrics["teacher_accuracy_labelled"] <= 1.0 and metrics["labelled_majority_share"] == 0.5
     assert f"of the {metrics['labelled_examples']} labelled examples right" in manifest(run_dir, "ppo")["summary"]
-    assert f"draws parsed {metrics['before']['valid_rate']:.2f} -> {metrics['after']['valid_rate']:.2f}" in manifest(run_dir, "ppo")["summary"]
+    assert (
+        f"draws parsed {metrics['before']['valid_rate']:.2f} -> {metrics['after']['valid_rate']:.2f}"
+        in manifest(run_dir, "ppo")["summary"]
+    )
     before = load_file(str(run_dir / "prompt" / "soft_prompt.safetensors"))["soft_prompt"]
     after = load_file(str(run_dir / "ppo" / "soft_prompt.safetensors"))["soft_prompt"]
     assert not np.allclose(before.numpy(), after.numpy())
@@ -117,7 +148,9 @@ def test_ppo_says_when_the_teacher_labels_the_labelled_examples_no_better_than_t
     for right in (0, 2):
         probs = always_majority.copy()
         probs[:right] = np.eye(3)[labels[:right]]
-        assert "not clearly better than always answering the majority label" in describe_teacher_on_labelled(teacher_on_labelled(probs, labels))
+        assert "not clearly better than always answering the majority label" in describe_teacher_on_labelled(
+            teacher_on_labelled(probs, labels)
+        )
     probs = always_majority.copy()
     probs[:4] = np.eye(3)[labels[:4]]  # 62.5%: more than one standard error above 50%
     assert "not clearly better" not in describe_teacher_on_labelled(teacher_on_labelled(probs, labels))
@@ -127,7 +160,10 @@ def test_ppo_says_what_to_change_when_few_of_the_stage1_prompts_draws_parse():
     from retrikt_ray.stages.ppo import describe_stage1_draws
 
     spec = JobSpec.model_validate({"task": {"name": "copa"}, "prompt": {"epochs": 3}, "ppo": {"max_new_tokens": 56}})
-    assert describe_stage1_draws({"valid_rate": 21 / 32}, 32, spec) == "the stage-1 prompt writes 21 of 32 fixed draws in the task's template"
+    assert (
+        describe_stage1_draws({"valid_rate": 21 / 32}, 32, spec)
+        == "the stage-1 prompt writes 21 of 32 fixed draws in the task's template"
+    )
     few = describe_stage1_draws({"valid_rate": 7 / 32}, 32, spec)
     assert few.startswith("the stage-1 prompt writes 7 of 32 fixed draws in the task's template: PPO learns little")
     assert "prompt.epochs, now 3" in few and "ppo.max_new_tokens, now 56" in few
@@ -155,13 +191,16 @@ def test_a_per_label_prompt_goes_in_front_of_its_own_labels_generation_prompt(ti
 
 
 def rerun_ppo(sst2_run, tmp_path, **ppo_changes):
-    """The shared tiny run's prompt stage, copied into a new run whose PPO section has `ppo_changes`; its PPO run there."""
+    """The shared tiny run's prompt stage, copied into a new run whose PPO section has `ppo_changes`; its PPO run
+    there."""
     spec, shared = sst2_run
     spec = spec.model_copy(deep=True)
     spec.storage.runs_dir = str(tmp_path / "runs")
     for key, value in ppo_changes.items():
         setattr(spec.ppo, key, value)
-    shutil.copytree(shared, run_dir_for(spec), ignore=shutil.ignore_patterns("ppo", "generate", "store", "student", "evaluate"))
+    shutil.copytree(
+        shared, run_dir_for(spec), ignore=shutil.ignore_patterns("ppo", "generate", "store", "student", "evaluate")
+    )
     run_dir, _ = run_logged(spec, only="ppo")
     return spec, run_dir
 
@@ -219,7 +258,14 @@ def test_filtering_names_why_each_sample_was_dropped(tiny_models, tmp_path):
     from retrikt_ray.tasks import Task
 
     # A random tiny encoder may put any two texts close: near duplicates are tested in the sst2 run.
-    spec = tiny_spec(tiny_models, tmp_path, task="rte", generate__min_words=3, generate__max_words=12, generate__near_duplicate_cosine=1.0)
+    spec = tiny_spec(
+        tiny_models,
+        tmp_path,
+        task="rte",
+        generate__min_words=3,
+        generate__max_words=12,
+        generate__near_duplicate_cosine=1.0,
+    )
     budget = spec.generate.max_new_tokens
     texts_tokens = [
         ("A dog runs. Hypothesis: An animal moves.", 9),
@@ -230,7 +276,9 @@ def test_filtering_names_why_each_sample_was_dropped(tiny_models, tmp_path):
         ("Hi.", 2),
         ("one two three four five six seven eight nine ten eleven twelve thirteen", budget),
     ]
-    generated = pd.DataFrame({"text": [t for t, _ in texts_tokens], "label": [0] * 7, "tokens": [n for _, n in texts_tokens]})
+    generated = pd.DataFrame(
+        {"text": [t for t, _ in texts_tokens], "label": [0] * 7, "tokens": [n for _, n in texts_tokens]}
+    )
     kept, dropped = filter_samples(spec, Task.from_spec(spec.task), generated)
     assert {reason: count for reason, count in dropped.items() if count} == {
         "exact_duplicate": 1,
@@ -250,7 +298,11 @@ def test_unlabelled_stage_labels_in_domain_texts_with_the_teachers_answer(sst2_r
 
     spec, run_dir = sst2_run
     counts = manifest(run_dir, "unlabelled")["counts"]
-    assert counts["annotated"] == spec.unlabelled.samples == sum(counts[f"teacher_label_{name}"] for name in ("negative", "positive"))
+    assert (
+        counts["annotated"]
+        == spec.unlabelled.samples
+        == sum(counts[f"teacher_label_{name}"] for name in ("negative", "positive"))
+    )
     texts = pd.read_parquet(run_dir / "unlabelled" / "samples.parquet")
     soft = np.stack(texts["soft_label"].to_numpy())
     assert np.allclose(soft.sum(axis=1), 1, atol=1e-5) and texts["label"].tolist() == soft.argmax(axis=1).tolist()
@@ -295,13 +347,23 @@ def test_unlabelled_texts_skip_labelled_dev_repeated_and_short_ones_and_count_th
     spec = tiny_spec(tiny_models, tmp_path)
     task, labelled = load_few_shot(spec)
     dev = task.load(task.default_files()[1])
-    rows = [labelled[0].fields["sentence"], dev[-1].fields["sentence"].upper(), "a fine film , warmly acted", "A fine film ,  warmly acted", "too short", "a dull and tired remake"]
+    rows = [
+        labelled[0].fields["sentence"],
+        dev[-1].fields["sentence"].upper(),
+        "a fine film , warmly acted",
+        "A fine film ,  warmly acted",
+        "too short",
+        "a dull and tired remake",
+    ]
     source = tmp_path / "reviews.tsv"
     source.write_text("sentence\n" + "\n".join(rows) + "\n")  # no label column
     spec.unlabelled.file, spec.unlabelled.min_words, spec.unlabelled.samples = str(source), 3, 5
     drawn, skipped, eligible = draw_texts(spec, task)
     assert dict(skipped) == {"labelled_example": 1, "in_dev_set": 1, "duplicate": 1, "too_short": 1}
-    assert eligible == 2 and sorted(example.fields["sentence"] for example in drawn) == ["a dull and tired remake", "a fine film , warmly acted"]
+    assert eligible == 2 and sorted(example.fields["sentence"] for example in drawn) == [
+        "a dull and tired remake",
+        "a fine film , warmly acted",
+    ]
     assert all(example.label == -1 for example in drawn)
     spec.unlabelled.samples = 1
     assert len(draw_texts(spec, task)[0]) == 1
@@ -376,9 +438,13 @@ def test_retrieval_is_gated_off_when_the_stores_soft_labels_do_not_label_the_lab
     assert wrong == {"retrieval_accuracy": 0.0, "majority_share": 0.5, "examples": 8, "informative": False}
     assert not student.gates_retrieval(right, spec) and student.gates_retrieval(wrong, spec)
     assert student.describe_retrieval_on_labelled(right, spec) == (
-        "the store's soft labels, retrieved by the untrained student, label 100% of the 8 labelled examples right (majority label 50%)"
+        "the store's soft labels, retrieved by the untrained student, label 100% of the 8 labelled examples right "
+        "(majority label 50%)"
     )
-    assert "so the student trains and predicts with its head alone (lam 0, not 0.5)" in student.describe_retrieval_on_labelled(wrong, spec)
+    assert (
+        "so the student trains and predicts with its head alone (lam 0, not 0.5)"
+        in student.describe_retrieval_on_labelled(wrong, spec)
+    )
     spec.student.retrieval_gate = False
     assert not student.gates_retrieval(wrong, spec)
 
@@ -410,7 +476,9 @@ def test_rank_lists_hold_each_row_once_and_never_padding():
 def test_a_student_ranking_store_lists_trains_on_a_nonzero_rank_loss(ray_local, tiny_models, tmp_path):
     from retrikt_ray.stages import generate, store, student, unlabelled
 
-    spec = tiny_spec(tiny_models, tmp_path, student__rank_lists="store", student__rank_list_size=3, student__retrieval_gate=False)
+    spec = tiny_spec(
+        tiny_models, tmp_path, student__rank_lists="store", student__rank_list_size=3, student__retrieval_gate=False
+    )
     run_dir = tmp_path / "run"
     (run_dir / "generate").mkdir(parents=True)
     labelled_examples_as_samples(spec, flip=False).to_parquet(run_dir / "generate" / generate.SAMPLES)
@@ -423,7 +491,12 @@ def test_a_student_ranking_store_lists_trains_on_a_nonzero_rank_loss(ray_local, 
 def test_evaluate_stage_reports_metrics_in_range(sst2_run):
     spec, run_dir = sst2_run
     metrics = manifest(run_dir, "evaluate")["metrics"]
-    for key in ("accuracy_student_store", "accuracy_student_head", "accuracy_teacher_zero_shot", "macro_f1_student_store"):
+    for key in (
+        "accuracy_student_store",
+        "accuracy_student_head",
+        "accuracy_teacher_zero_shot",
+        "macro_f1_student_store",
+    ):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["dev_examples"] == 24
     assert metrics["params_teacher"] > metrics["params_student"] > 0
@@ -445,7 +518,11 @@ def test_choice_task_stages(ray_local, tiny_models, tmp_path):
     task = Task.from_spec(spec.task)
     examples = task.load(task.default_files()[0])[:12]
     frame = pd.DataFrame(
-        {"label": [e.label for e in examples], "text": [task.generation_text(e) for e in examples], "fields": [json.dumps(e.fields) for e in examples]}
+        {
+            "label": [e.label for e in examples],
+            "text": [task.generation_text(e) for e in examples],
+            "fields": [json.dumps(e.fields) for e in examples],
+        }
     )
     annotated, _ = generate.annotate(spec, task, frame, spec.model_dump(mode="json"), tmp_path / "annotation_shards")
     assert np.allclose(np.stack(annotated["soft_label"].to_numpy()).sum(axis=1), 1, atol=1e-5)
@@ -511,7 +588,10 @@ def test_force_redoes_a_finished_stage(sst2_run):
     before = manifest(run_dir, "store")["finished_at"]
     _, lines = run_logged(spec, only="store", force=True)
     assert len(lines) == 1 and "skipped" not in lines[0] and "reused" not in lines[0]
-    assert manifest(run_dir, "store")["stage_hash"] == {stage.name: stage.stage_hash for stage in pipeline.plan(spec, run_dir)}["store"]
+    assert (
+        manifest(run_dir, "store")["stage_hash"]
+        == {stage.name: stage.stage_hash for stage in pipeline.plan(spec, run_dir)}["store"]
+    )
     assert before <= manifest(run_dir, "store")["finished_at"]
 
 
@@ -537,7 +617,9 @@ def test_measuring_a_prompt_repeats_its_draws_and_leaves_the_memory_bank_alone(t
     teacher, rewards = tiny_reward_model(spec)
     prompt = 0.02 * torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
     first, again = measure_prompt(teacher, rewards, prompt), measure_prompt(teacher, rewards, prompt)
-    assert {key: value for key, value in first.items() if key != "kl"} == {key: value for key, value in again.items() if key != "kl"}
+    assert {key: value for key, value in first.items() if key != "kl"} == {
+        key: value for key, value in again.items() if key != "kl"
+    }
     assert first["valid_rate"] > 0 and 0.0 <= first["consistency_rate"] <= 1.0 and -1.0 <= first["mean_max_cos"] <= 1.0
     assert all(len(bank) == 0 for bank in rewards.bank.banks)
 
@@ -559,7 +641,9 @@ def test_a_malformed_sample_is_punished_by_gamma_alone(tiny_models, tmp_path):
     np.testing.assert_allclose(score["penalty"], [0.0, 0.0, -spec.ppo.gamma, -spec.ppo.gamma])
     spec.ppo.malformed_consistency = "floor"
     floored = rewards.score(1, texts, remember=False)
-    np.testing.assert_allclose(floored["consistency"], [*score["consistency"][:2], np.log(CONSISTENCY_FLOOR), np.log(CONSISTENCY_FLOOR)])
+    np.testing.assert_allclose(
+        floored["consistency"], [*score["consistency"][:2], np.log(CONSISTENCY_FLOOR), np.log(CONSISTENCY_FLOOR)]
+    )
 
 
 def test_the_teachers_answer_state_is_read_in_the_classifying_pass(tiny_models, tmp_path):
@@ -594,6 +678,8 @@ def test_manifests_name_the_teachers_precision_per_use(sst2_run):
 
     spec, run_dir = sst2_run
     expected = resolve_precision(spec.teacher.dtype, "cpu").names()
-    assert manifest(run_dir, "generate")["metrics"]["teacher_precision"] == [" ".join(f"{use}={dtype}" for use, dtype in expected.items())]
+    assert manifest(run_dir, "generate")["metrics"]["teacher_precision"] == [
+        " ".join(f"{use}={dtype}" for use, dtype in expected.items())
+    ]
     assert manifest(run_dir, "ppo")["metrics"]["teacher_precision"] == expected
     assert manifest(run_dir, "evaluate")["metrics"]["teacher_precision"] == expected

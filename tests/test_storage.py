@@ -53,7 +53,9 @@ def test_an_empty_cache_fetches_finished_stages_and_redoes_only_the_unfinished(u
     _, lines = run_logged(fresh)
     fetched = [f"[{stage}] finished at {run_location(spec)}, fetched" for stage in STAGE_NAMES[:-1]]
     assert lines[: len(fetched)] == fetched
-    assert [line for line in lines if line.startswith("[evaluate]")][-1] == f"[evaluate] uploaded to {run_location(spec)}/evaluate"
+    assert [line for line in lines if line.startswith("[evaluate]")][
+        -1
+    ] == f"[evaluate] uploaded to {run_location(spec)}/evaluate"
     assert not [line for line in lines[len(fetched) :] if not line.startswith("[evaluate]") and "skipped" not in line]
     staging = run_dir_for(fresh)
     for stage in STAGE_NAMES[:-1]:

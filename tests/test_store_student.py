@@ -243,7 +243,9 @@ def test_store_rank_loss_over_the_batch_lists_equals_rank_loss():
     others = torch.tensor([[j for j in range(5) if j != i] for i in range(5)])
     keys = torch.nn.functional.normalize(z, dim=-1)[others]
     valid = torch.ones(5, 4, dtype=torch.bool)
-    assert store_rank_loss(h, h[others], z, keys, valid, 0.1, 0.2).item() == pytest.approx(rank_loss(h, z, 0.1, 0.2).item(), rel=1e-5)
+    assert store_rank_loss(h, h[others], z, keys, valid, 0.1, 0.2).item() == pytest.approx(
+        rank_loss(h, z, 0.1, 0.2).item(), rel=1e-5
+    )
 
 
 def test_store_rank_loss_ignores_invalid_members_and_reaches_the_query():
@@ -255,12 +257,16 @@ def test_store_rank_loss_ignores_invalid_members_and_reaches_the_query():
     loss = store_rank_loss(h, members, z, keys, valid, 0.05, 0.05)
     changed_members, changed_keys = members.clone(), keys.clone()
     changed_members[~valid], changed_keys[~valid] = 100.0, -1.0
-    assert store_rank_loss(h, changed_members, z, changed_keys, valid, 0.05, 0.05).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert store_rank_loss(h, changed_members, z, changed_keys, valid, 0.05, 0.05).item() == pytest.approx(
+        loss.item(), rel=1e-6
+    )
     assert loss.item() > 0
     loss.backward()
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
     # A student whose keys score like the teacher's states ranks every list as the teacher does.
-    assert store_rank_loss(h, members, h, torch.nn.functional.normalize(members, dim=-1), valid, 0.05, 0.05).item() == pytest.approx(0.0, abs=1e-6)
+    assert store_rank_loss(
+        h, members, h, torch.nn.functional.normalize(members, dim=-1), valid, 0.05, 0.05
+    ).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_teacher_neighbours_are_the_nearest_other_rows_by_cosine():

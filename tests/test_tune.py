@@ -27,7 +27,13 @@ def test_packaged_sweep_is_valid_for_the_demo():
         assert path.startswith("student.")
         for value in domain.values():
             with_values(spec, {path: value})
-    assert shared_stages([*sweep.space, sweep.scheduler.fidelity]) == ["prompt", "ppo", "generate", "unlabelled", "store"]
+    assert shared_stages([*sweep.space, sweep.scheduler.fidelity]) == [
+        "prompt",
+        "ppo",
+        "generate",
+        "unlabelled",
+        "store",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -90,7 +96,10 @@ def test_sweep_reuses_upstream_and_writes_table_plot_and_best_job(sst2_run, tmp_
     assert len(table) == 2 and sorted(table["student.lam"]) == [0.3, 0.7]
     assert set(table["status"]) == {"done"} and table["student.epochs"].iloc[0] == 2
     assert table["evaluate.accuracy_student_store"].between(0, 1).all()
-    assert "| trial | student.lam | student.epochs | evaluate.accuracy_student_store | status |" in (out / "results.md").read_text()
+    assert (
+        "| trial | student.lam | student.epochs | evaluate.accuracy_student_store | status |"
+        in (out / "results.md").read_text()
+    )
     assert (out / "metric_vs_fields.png").stat().st_size > 0
 
     best = load_spec(out / "best.yaml")
@@ -101,8 +110,12 @@ def test_sweep_reuses_upstream_and_writes_table_plot_and_best_job(sst2_run, tmp_
     for stage in pipeline.plan(best, run_dir):
         assert is_finished(stage.dir, stage.stage_hash), stage.name  # `retrikt run best.yaml` finds it all done
 
-    sweep_dirs = [job.parent for job in (tmp_path / "runs").glob("*/job.yaml") if not job.parent.name.startswith(SHARED_PREFIX)]
+    sweep_dirs = [
+        job.parent for job in (tmp_path / "runs").glob("*/job.yaml") if not job.parent.name.startswith(SHARED_PREFIX)
+    ]
     for stage in shared_stages(["student.lam"]):
-        assert all("reused_from" in read_manifest(path / stage) for path in sweep_dirs), stage  # nothing upstream re-ran
+        assert all("reused_from" in read_manifest(path / stage) for path in sweep_dirs), (
+            stage
+        )  # nothing upstream re-ran
     students = [read_manifest(path / "student") for path in sweep_dirs if read_manifest(path / "student")]
     assert sum("reused_from" not in manifest for manifest in students) >= 3  # two trials x rungs, ASHA may stop one

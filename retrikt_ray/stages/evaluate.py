@@ -89,9 +89,18 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         "macro_f1_student_store": macro_f1(gold, predictions["p"], task.num_labels),
         "params_student": sum(p.numel() for p in student.parameters()),
         "store_rows": len(store.inputs),
-        "ms_per_example_student_store": ms_per_example(lambda e: predict_examples(task, student, store, [e]), dev, settings.latency_examples),
+        "ms_per_example_student_store": ms_per_example(
+            lambda e: predict_examples(task, student, store, [e]), dev, settings.latency_examples
+        ),
     }
-    frame = pd.DataFrame({"gold": gold, "predicted": predictions["p"].argmax(axis=1), "p": list(predictions["p"]), "p_head": list(predictions["p_head"])})
+    frame = pd.DataFrame(
+        {
+            "gold": gold,
+            "predicted": predictions["p"].argmax(axis=1),
+            "p": list(predictions["p"]),
+            "p_head": list(predictions["p_head"]),
+        }
+    )
 
     if settings.teacher_zero_shot:
         teacher = Teacher.from_spec(spec, task)
@@ -105,12 +114,21 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
             "macro_f1_teacher_zero_shot": macro_f1(gold, calibrated, task.num_labels),
             "params_teacher": sum(p.numel() for p in teacher.model.parameters()),
             "teacher_precision": teacher.engine.precision.names(),
-            "ms_per_example_teacher": ms_per_example(lambda e: teacher.classify_raw([e]), dev, settings.latency_examples),
+            "ms_per_example_teacher": ms_per_example(
+                lambda e: teacher.classify_raw([e]), dev, settings.latency_examples
+            ),
         }
         frame["p_teacher"] = list(calibrated)
         metrics["agreement_student_teacher"] = teacher_agreement(frame)
     frame.to_parquet(stage.dir / "predictions.parquet", index=False)
-    summary = f"student+store {metrics['accuracy_student_store']:.3f}, head alone {metrics['accuracy_student_head']:.3f}"
+    summary = (
+        f"student+store {metrics['accuracy_student_store']:.3f}, head alone {metrics['accuracy_student_head']:.3f}"
+    )
     if "accuracy_teacher_zero_shot" in metrics:
-        summary += f", teacher zero-shot {metrics['accuracy_teacher_zero_shot']:.3f} (student agrees on {metrics['agreement_student_teacher']:.1%})"
-    return StageResult(metrics=metrics, counts={"dev_examples": len(dev)}, summary=summary + f" on {len(dev)} dev examples")
+        summary += (
+            f", teacher zero-shot {metrics['accuracy_teacher_zero_shot']:.3f} "
+            f"(student agrees on {metrics['agreement_student_teacher']:.1%})"
+        )
+    return StageResult(
+        metrics=metrics, counts={"dev_examples": len(dev)}, summary=summary + f" on {len(dev)} dev examples"
+    )

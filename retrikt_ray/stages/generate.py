@@ -4,8 +4,8 @@ Ray Data maps (label, seed) rows over a pool of teacher replicas (autoscaling, o
 the nodes with `resources.placement: spread`; fractional CPUs on CPU nodes, `resources.gpus_per_replica` of a
 GPU each on GPU nodes). Every finished row is written at once as its own Parquet shard, so an interrupted run
 resumes where it stopped; each sample keeps the Ray node id, actor id and torch device of the replica that
-wrote it (the manifest counts samples per node and names the replicas and devices). Then: parse, exact and near-duplicate removal
-(student-embedding cosine within a label), and annotation with the calibrated teacher classifier
+wrote it (the manifest counts samples per node and names the replicas and devices). Then: parse, exact and
+near-duplicate removal (student-embedding cosine within a label), and annotation with the calibrated teacher classifier
 p_C and the teacher's state h_T (`teacher.state`: by default read in the same forward, where the teacher
 reads off its answer) in a second Ray Data pass, which also resumes: each chunk of samples is saved as soon
 as it is annotated. Every dropped sample is counted with its reason in the manifest.
@@ -45,7 +45,14 @@ def generation_rows(spec: JobSpec, task: Task) -> list[dict]:
         remaining, chunk = settings.samples_per_label, 0
         while remaining > 0:
             count = min(settings.rows_per_task, remaining)
-            rows.append({"shard": f"{label}-{chunk:05d}", "label": label, "count": count, "seed": settings.seed * 100_003 + label * 10_007 + chunk})
+            rows.append(
+                {
+                    "shard": f"{label}-{chunk:05d}",
+                    "label": label,
+                    "count": count,
+                    "seed": settings.seed * 100_003 + label * 10_007 + chunk,
+                }
+            )
             remaining -= count
             chunk += 1
     return rows
@@ -72,12 +79,28 @@ class Generator:
         context = ray.get_runtime_context()
         node, replica, device = context.get_node_id(), context.get_actor_id(), str(self.teacher.device)
         precision = " ".join(f"{use}={dtype}" for use, dtype in self.teacher.engine.precision.names().items())
-        out = {"shard": [], "label": [], "text": [], "tokens": [], "node": [], "replica": [], "device": [], "precision": []}
+        out = {
+            "shard": [],
+            "label": [],
+            "text": [],
+            "tokens": [],
+            "node": [],
+            "replica": [],
+            "device": [],
+            "precision": [],
+        }
         for shard, label, count, seed in zip(batch["shard"], batch["label"], batch["count"], batch["seed"]):
             n = int(count)
             # One call per row: each sample has its own seed, so the batch size changes speed, not samples.
             samples = self.teacher.sample(
-                int(label), n, settings.max_new_tokens, settings.top_p, settings.temperature, int(seed), self.soft_prompt, settings.batch_size,
+                int(label),
+                n,
+                settings.max_new_tokens,
+                settings.top_p,
+                settings.temperature,
+                int(seed),
+                self.soft_prompt,
+                settings.batch_size,
                 top_k=settings.top_k,
             )
             out["shard"] += [shard] * n
@@ -108,9 +131,14 @@ class Annotator:
     def __call__(self, batch: dict) -> dict:
         from ..tasks import Example
 
-        examples = [Example(fields=json.loads(fields), label=int(label)) for fields, label in zip(batch["fields"], batch["label"])]
+        examples = [
+            Example(fields=json.loads(fields), label=int(label))
+            for fields, label in zip(batch["fields"], batch["label"])
+        ]
         batch_size = self.spec.teacher.classify_batch_size
-        probs, states = self.teacher.annotate(examples, self.spec.teacher.state, self.spec.teacher.hidden_layer, batch_size)
+        probs, states = self.teacher.annotate(
+            examples, self.spec.teacher.state, self.spec.teacher.hidden_layer, batch_size
+        )
         return {**batch, "raw_probs": list(probs), "teacher_state": list(states)}
 
 
@@ -177,7 +205,9 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
 
     kept, dropped = filter_samples(spec, task, generated)
     annotated, chunks_resumed = annotate(spec, task, kept, spec_json, stage.dir / ANNOTATION_SHARDS)
-    annotated["teacher_agrees"] = [int(np.argmax(soft)) == label for soft, label in zip(annotated["soft_label"], annotated["label"])]
+    annotated["teacher_agrees"] = [
+        int(np.argmax(soft)) == label for soft, label in zip(annotated["soft_label"], annotated["label"])
+    ]
     disagreeing = int((~annotated["teacher_agrees"]).sum())
     if spec.generate.on_disagreement == "drop":
         annotated = annotated[annotated["teacher_agrees"]].reset_index(drop=True)
@@ -189,7 +219,10 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         "kept": len(annotated),
         **{f"dropped_{reason}": count for reason, count in sorted(dropped.items())},
         "teacher_disagrees": disagreeing,
-        **{f"kept_label_{task.label_names[label]}": int((annotated["label"] == label).sum()) for label in range(task.num_labels)},
+        **{
+            f"kept_label_{task.label_names[label]}": int((annotated["label"] == label).sum())
+            for label in range(task.num_labels)
+        },
     }
     tokens = int(generated["tokens"].sum())
     return StageResult(
@@ -200,15 +233,20 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
             "generation_seconds": round(generation_seconds, 3),
             "generation_tokens_per_s": new_tokens / generation_seconds if new_tokens else 0.0,
             "annotation_chunks_resumed": chunks_resumed,
-            "samples_by_node": {node: int(count) for node, count in generated["node"].value_counts().sort_index().items()},
+            "samples_by_node": {
+                node: int(count) for node, count in generated["node"].value_counts().sort_index().items()
+            },
             # Shards written before these columns existed count under no replica.
             "replicas": int(generated["replica"].nunique()) if "replica" in generated else 0,
             "replica_devices": sorted(generated["device"].dropna().unique().tolist()) if "device" in generated else [],
             # The teacher's dtype per use in the replicas (teacher.dtype: auto resolves on their hardware).
-            "teacher_precision": sorted(generated["precision"].dropna().unique().tolist()) if "precision" in generated else [],
+            "teacher_precision": sorted(generated["precision"].dropna().unique().tolist())
+            if "precision" in generated
+            else [],
         },
         counts=counts,
-        summary=f"{len(generated)} generated, {len(annotated)} kept ({', '.join(f'{k} {v}' for k, v in dropped.items())}); teacher disagrees on {disagreeing}",
+        summary=f"{len(generated)} generated, {len(annotated)} kept "
+        f"({', '.join(f'{k} {v}' for k, v in dropped.items())}); teacher disagrees on {disagreeing}",
     )
 
 
@@ -286,7 +324,9 @@ def annotate(spec: JobSpec, task: Task, frame, spec_json: dict, shards_dir: Path
     chunks = {}
     for start in range(0, len(frame), ANNOTATION_CHUNK):
         chunk = frame.iloc[start : start + ANNOTATION_CHUNK]
-        digest = hashlib.sha256(json.dumps([chunk["fields"].tolist(), chunk["label"].tolist()]).encode()).hexdigest()[:12]
+        digest = hashlib.sha256(json.dumps([chunk["fields"].tolist(), chunk["label"].tolist()]).encode()).hexdigest()[
+            :12
+        ]
         chunks[f"{start // ANNOTATION_CHUNK:06d}-{digest}"] = chunk
     todo = {name: chunk for name, chunk in chunks.items() if not (shards_dir / f"{name}.parquet").exists()}
     if todo:
@@ -298,12 +338,19 @@ def annotate(spec: JobSpec, task: Task, frame, spec_json: dict, shards_dir: Path
         )
         dataset = _spread_work(dataset, spec)
         arrived: dict[str, list] = {}
-        with tqdm(total=len(frame), initial=len(frame) - sum(len(chunk) for chunk in todo.values()), desc="annotating", unit="sample") as bar:
+        with tqdm(
+            total=len(frame),
+            initial=len(frame) - sum(len(chunk) for chunk in todo.values()),
+            desc="annotating",
+            unit="sample",
+        ) as bar:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
                 for name, part in batch.groupby("chunk"):
                     arrived.setdefault(name, []).append(part)
                     if sum(len(piece) for piece in arrived[name]) == len(todo[name]):
-                        write_parquet_atomic(pd.concat(arrived.pop(name)).drop(columns="chunk"), shards_dir / f"{name}.parquet")
+                        write_parquet_atomic(
+                            pd.concat(arrived.pop(name)).drop(columns="chunk"), shards_dir / f"{name}.parquet"
+                        )
                 bar.update(len(batch))
     annotated = pd.concat([pd.read_parquet(shards_dir / f"{name}.parquet") for name in chunks], ignore_index=True)
     raw = np.stack(annotated["raw_probs"].to_numpy())

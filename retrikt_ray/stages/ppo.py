@@ -71,7 +71,8 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         summary=(
             f"label consistency {before['consistency_rate']:.2f} -> {after['consistency_rate']:.2f}, "
             f"distinct-2 {before['distinct_2']:.2f} -> {after['distinct_2']:.2f}, "
-            f"draws parsed {before['valid_rate']:.2f} -> {after['valid_rate']:.2f}{kept}; {describe_teacher_on_labelled(metrics)}"
+            f"draws parsed {before['valid_rate']:.2f} -> {after['valid_rate']:.2f}{kept}; "
+            f"{describe_teacher_on_labelled(metrics)}"
         ),
     )
 
@@ -83,7 +84,8 @@ def keeps_stage1_prompt(before: dict[str, float], after: dict[str, float], spec:
 
 def describe_kept_prompt(before: dict[str, float], after: dict[str, float], spec: JobSpec) -> str:
     return (
-        f"the stage-1 prompt is kept: the final one scored a lower mean reward on the fixed draws ({after['reward']:.3f} against"
+        "the stage-1 prompt is kept: the final one scored a lower mean reward on the fixed draws "
+        f"({after['reward']:.3f} against"
         f" {before['reward']:.3f}; parsed {after['valid_rate']:.2f} against {before['valid_rate']:.2f}); smaller steps"
         f" (ppo.lr, now {spec.ppo.lr:g}) may let PPO improve on it"
     )
@@ -102,7 +104,11 @@ def teacher_on_labelled(probs: np.ndarray, labels: np.ndarray) -> dict[str, floa
 def describe_teacher_on_labelled(measured: dict[str, float | int]) -> str:
     """One line; it warns when the teacher is not clearly better than always answering the majority
     label: within one standard error of that guesser's accuracy on this many examples."""
-    accuracy, majority, count = measured["teacher_accuracy_labelled"], measured["labelled_majority_share"], measured["labelled_examples"]
+    accuracy, majority, count = (
+        measured["teacher_accuracy_labelled"],
+        measured["labelled_majority_share"],
+        measured["labelled_examples"],
+    )
     line = f"the teacher labels {accuracy:.0%} of the {count} labelled examples right (majority label {majority:.0%})"
     if not clearly_above_majority(accuracy, majority, count):
         line += (
@@ -120,7 +126,8 @@ def describe_stage1_draws(before: dict[str, float], draws: int, spec: JobSpec) -
     if before["valid_rate"] < FEW_PARSED_DRAWS:
         line += (
             ": PPO learns little from draws that do not parse; train the stage-1 prompt longer"
-            f" (prompt.epochs, now {spec.prompt.epochs}) or give the teacher more tokens (ppo.max_new_tokens, now {spec.ppo.max_new_tokens})"
+            f" (prompt.epochs, now {spec.prompt.epochs}) or give the teacher more tokens"
+            f" (ppo.max_new_tokens, now {spec.ppo.max_new_tokens})"
         )
     return line
 
@@ -180,7 +187,9 @@ class RewardModel:
                 consistency[~valid] = consistency[valid].mean()
             agrees[valid] = probs.argmax(axis=1) == label
             embeddings = self.encoder.embed_all([(texts[i], None) for i in np.flatnonzero(valid)])
-            bonus = diversity_reward(self.bank, [label] * len(kept), torch.from_numpy(embeddings), [remember] * len(kept)).numpy()
+            bonus = diversity_reward(
+                self.bank, [label] * len(kept), torch.from_numpy(embeddings), [remember] * len(kept)
+            ).numpy()
             diversity[valid] = bonus
             max_cos[valid] = 1.0 - bonus
         penalty = (~valid).astype(float)
@@ -208,7 +217,13 @@ def measure_prompt(teacher, rewards: RewardModel, prompt: torch.Tensor) -> dict[
     scores, texts = [], []
     for label in range(rewards.task.num_labels):
         samples = teacher.sample(
-            label, settings.eval_samples_per_label, settings.max_new_tokens, settings.top_p, settings.temperature, EVAL_SEED + label, prompt,
+            label,
+            settings.eval_samples_per_label,
+            settings.max_new_tokens,
+            settings.top_p,
+            settings.temperature,
+            EVAL_SEED + label,
+            prompt,
             top_k=settings.top_k,
         )
         scores.append(rewards.score(label, samples.texts, remember=False))
@@ -217,7 +232,12 @@ def measure_prompt(teacher, rewards: RewardModel, prompt: torch.Tensor) -> dict[
     within = float(max_cos.mean()) if max_cos.size else 0.0
     summary = rollout_summary(scores, texts, float("nan"))
     diversity = settings.beta * (1.0 - within)
-    return {**summary, "mean_max_cos": within, "diversity_term": diversity, "reward": summary["consistency_term"] + diversity + summary["penalty_term"]}
+    return {
+        **summary,
+        "mean_max_cos": within,
+        "diversity_term": diversity,
+        "reward": summary["consistency_term"] + diversity + summary["penalty_term"],
+    }
 
 
 def rollout_summary(scores: list[dict], texts: list[str], kl: float) -> dict[str, float]:
@@ -257,8 +277,12 @@ def train_loop(config: dict) -> None:
     teacher = Teacher.from_spec(spec, task, device=device)
     encoder = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
     raw_labelled = teacher.classify_raw(few_shot, spec.teacher.classify_batch_size)
-    reference_mean = teacher.content_free_reference() if spec.teacher.calibration == "content_free" else raw_labelled.mean(axis=0)
-    labelled = teacher_on_labelled(calibrate(raw_labelled, reference_mean), np.array([example.label for example in few_shot]))
+    reference_mean = (
+        teacher.content_free_reference() if spec.teacher.calibration == "content_free" else raw_labelled.mean(axis=0)
+    )
+    labelled = teacher_on_labelled(
+        calibrate(raw_labelled, reference_mean), np.array([example.label for example in few_shot])
+    )
     if rank == 0:
         print(f"[ppo] {describe_teacher_on_labelled(labelled)}", flush=True)
     rewards = RewardModel(spec, teacher, task, encoder, reference_mean)
@@ -276,7 +300,16 @@ def train_loop(config: dict) -> None:
         groups, scores, texts = [], [], []
         for label in range(task.num_labels):
             seed = 1_000_003 * (update + 1) + 101 * label + rank
-            samples = teacher.sample(label, per_label, settings.max_new_tokens, settings.top_p, settings.temperature, seed, prompt, top_k=settings.top_k)
+            samples = teacher.sample(
+                label,
+                per_label,
+                settings.max_new_tokens,
+                settings.top_p,
+                settings.temperature,
+                seed,
+                prompt,
+                top_k=settings.top_k,
+            )
             groups.append(samples)
             scores.append(rewards.score(label, samples.texts))
             texts.extend(samples.texts)
@@ -289,12 +322,20 @@ def train_loop(config: dict) -> None:
     history, seen, start = [], set(), 0
     resumed = checkpoints.restore()
     if resumed is not None:
-        history, seen, rewards.bank, start = resumed["history"], resumed["seen"], resumed["bank"], checkpoints.resumed_from
+        history, seen, rewards.bank, start = (
+            resumed["history"],
+            resumed["seen"],
+            resumed["bank"],
+            checkpoints.resumed_from,
+        )
         before = resumed["before"]
     else:
         before = measure(reference_prompt)
     if before is not None:
-        print(f"[ppo] {describe_stage1_draws(before, settings.eval_samples_per_label * task.num_labels, spec)}", flush=True)
+        print(
+            f"[ppo] {describe_stage1_draws(before, settings.eval_samples_per_label * task.num_labels, spec)}",
+            flush=True,
+        )
     bar = tqdm(total=settings.updates, initial=start, desc="ppo", disable=rank != 0)
     for update in range(start, settings.updates):
         groups, scores, texts = collect(update)
@@ -305,7 +346,13 @@ def train_loop(config: dict) -> None:
                 ids, mask = samples.token_ids.to(device), samples.mask.to(device).float()
                 old_logprobs, old_values = policy(teacher, samples.label, ids)
                 ref_logprobs, _ = teacher.continuation_outputs(samples.label, ids, reference_prompt)
-                per_token = token_rewards(torch.tensor(score["reward"], device=device, dtype=torch.float32), old_logprobs, ref_logprobs, mask, settings.kl_coef)
+                per_token = token_rewards(
+                    torch.tensor(score["reward"], device=device, dtype=torch.float32),
+                    old_logprobs,
+                    ref_logprobs,
+                    mask,
+                    settings.kl_coef,
+                )
                 advantages, returns = gae(per_token, old_values, mask, settings.discount, settings.gae_lambda)
                 batches.append((samples.label, ids, mask, old_logprobs, old_values, whiten(advantages, mask), returns))
                 kls.append(approx_kl(old_logprobs, ref_logprobs, mask).item())
@@ -315,7 +362,9 @@ def train_loop(config: dict) -> None:
                 for first in range(0, len(ids), minibatch_size):
                     part = slice(first, first + minibatch_size)
                     logprobs, values = optimiser.model(teacher, label, ids[part])
-                    loss_pg, clipped = policy_loss(logprobs, old_logprobs[part], advantages[part], mask[part], settings.clip_eps)
+                    loss_pg, clipped = policy_loss(
+                        logprobs, old_logprobs[part], advantages[part], mask[part], settings.clip_eps
+                    )
                     loss_v = value_loss(values, old_values[part], returns[part], mask[part], settings.value_clip)
                     optimiser.step(loss_pg + settings.value_coef * loss_v)
                     clip_fractions.append(clipped.item())
@@ -332,7 +381,11 @@ def train_loop(config: dict) -> None:
         bar.update(1)
         bar.set_postfix(reward=f"{entry['reward']:.2f}", consistency=f"{entry['consistency_rate']:.2f}")
         if checkpoints.due(update + 1):
-            checkpoints.save(update + 1, {"history": history, "seen": seen, "bank": rewards.bank, "before": before}, {"reward": entry["reward"]})
+            checkpoints.save(
+                update + 1,
+                {"history": history, "seen": seen, "bank": rewards.bank, "before": before},
+                {"reward": entry["reward"]},
+            )
     bar.close()
     with optimiser.gathered():
         after = measure(policy.soft_prompt)
@@ -343,7 +396,10 @@ def train_loop(config: dict) -> None:
     def write(folder: Path) -> None:
         final = reference_prompt if keep_stage1 else policy.soft_prompt
         save_file({"soft_prompt": final.detach().float().cpu().contiguous()}, str(folder / SOFT_PROMPT))
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in policy.value_head.state_dict().items()}, str(folder / "value_head.safetensors"))
+        save_file(
+            {k: v.detach().float().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
+            str(folder / "value_head.safetensors"),
+        )
 
     report_outputs(
         {

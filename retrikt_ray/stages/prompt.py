@@ -19,7 +19,16 @@ from ..tasks import load_few_shot
 
 NAME = "prompt"
 INPUTS: tuple[str, ...] = ()
-CONFIG_KEYS = ("task", "data.train_file", "data.shots", "data.seed", "teacher.model", "teacher.dtype", "prompt", "deepspeed")
+CONFIG_KEYS = (
+    "task",
+    "data.train_file",
+    "data.shots",
+    "data.seed",
+    "teacher.model",
+    "teacher.dtype",
+    "prompt",
+    "deepspeed",
+)
 
 
 def run(spec: JobSpec, stage: StageRun) -> StageResult:
@@ -98,7 +107,13 @@ def train_loop(config: dict) -> None:
     losses, epoch_loss, seen, position = [], 0.0, set(), 0
     resumed = checkpoints.restore()
     if resumed is not None:
-        mine, losses, epoch_loss, seen, position = resumed["mine"], resumed["losses"], resumed["epoch_loss"], resumed["seen"], checkpoints.resumed_from
+        mine, losses, epoch_loss, seen, position = (
+            resumed["mine"],
+            resumed["losses"],
+            resumed["epoch_loss"],
+            resumed["seen"],
+            checkpoints.resumed_from,
+        )
         order.setstate(resumed["order"])
     bar = tqdm(total=settings.epochs * steps, initial=position, desc="prompt tuning", disable=rank != 0)
     while position < settings.epochs * steps:
@@ -126,5 +141,10 @@ def train_loop(config: dict) -> None:
         save_file({"soft_prompt": prompt}, str(folder / "soft_prompt.safetensors"))
         model.save_pretrained(str(folder / "adapter"))
 
-    metrics = {"loss_per_epoch": losses, "examples": len(few_shot), "steps": position, "resumed_from_step": checkpoints.resumed_from}
+    metrics = {
+        "loss_per_epoch": losses,
+        "examples": len(few_shot),
+        "steps": position,
+        "resumed_from_step": checkpoints.resumed_from,
+    }
     report_outputs(metrics, write, optimiser, seen)

@@ -35,7 +35,11 @@ def store_rows(task: Task, samples) -> dict:
             inputs.append(row_input)
             labels.append(target)
             # choice tasks: the soft label of "alternative i is right" is the teacher's p(i).
-            soft.append(soft_label if task.kind == "classification" else np.array([1 - soft_label[row], soft_label[row]], np.float32))
+            soft.append(
+                soft_label
+                if task.kind == "classification"
+                else np.array([1 - soft_label[row], soft_label[row]], np.float32)
+            )
             states.append(np.asarray(state, dtype=np.float32))
             example_ids.append(example_id)
     return {
@@ -56,23 +60,36 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
     task = Task.from_spec(spec.task)
     generated, unlabelled = read_samples(stage.inputs["generate"]), read_samples(stage.inputs["unlabelled"])
     columns = ["label", "fields", "soft_label", "teacher_state"]
-    samples = pd.concat([generated[columns].assign(unlabelled=False), unlabelled[columns].assign(unlabelled=True)], ignore_index=True)
+    samples = pd.concat(
+        [generated[columns].assign(unlabelled=False), unlabelled[columns].assign(unlabelled=True)], ignore_index=True
+    )
     if spec.store.fraction < 1:
-        chosen = np.random.default_rng(spec.generate.seed).permutation(len(samples))[: max(1, round(spec.store.fraction * len(samples)))]
+        chosen = np.random.default_rng(spec.generate.seed).permutation(len(samples))[
+            : max(1, round(spec.store.fraction * len(samples)))
+        ]
         samples = samples.iloc[np.sort(chosen)].reset_index(drop=True)
     rows = store_rows(task, samples)
     if not rows["inputs"]:
         from ..config import SpecError
 
-        raise SpecError("generate: no sample survived filtering, the store would be empty (see the generate manifest's counts)")
+        raise SpecError(
+            "generate: no sample survived filtering, the store would be empty (see the generate manifest's counts)"
+        )
     student = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
     keys = student.embed_all(rows["inputs"], batch_size=spec.store.encode_batch_size, progress=True)
     store = KnowledgeStore(keys=keys, encoder_fingerprint=encoder_fingerprint(student.encoder), **rows)
     settings = spec.store
-    store.build_index(settings.index, settings.exact_max_rows, settings.hnsw_m, settings.ivf_lists, settings.pq_subquantizers)
+    store.build_index(
+        settings.index, settings.exact_max_rows, settings.hnsw_m, settings.ivf_lists, settings.pq_subquantizers
+    )
     store.save(stage.dir)
     return StageResult(
         metrics={"dim": int(keys.shape[1]), "index": store.index_kind, "version": store.version},
-        counts={"rows": len(rows["inputs"]), "examples": len(samples), "examples_unlabelled": int(samples["unlabelled"].sum())},
-        summary=f"{len(rows['inputs'])} rows ({int(samples['unlabelled'].sum())} examples from unlabelled texts), {store.index_kind} index, dim {keys.shape[1]}",
+        counts={
+            "rows": len(rows["inputs"]),
+            "examples": len(samples),
+            "examples_unlabelled": int(samples["unlabelled"].sum()),
+        },
+        summary=f"{len(rows['inputs'])} rows ({int(samples['unlabelled'].sum())} examples from unlabelled texts), "
+        f"{store.index_kind} index, dim {keys.shape[1]}",
     )

@@ -38,8 +38,13 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         metrics=metrics,
         counts={"store_rows": metrics["store_rows"], "gold_rows": metrics["gold_rows"]},
         summary=f"{len(history)} epochs; last loss {last.get('loss', float('nan')):.3f} "
-        f"(kd {last.get('kd', float('nan')):.3f}, ce {last.get('ce', float('nan')):.3f}, rank {last.get('rank', float('nan')):.3f})"
-        + (f"; {describe_retrieval_on_labelled(metrics['retrieval_labelled'], spec)}" if metrics.get("retrieval_labelled") else ""),
+        f"(kd {last.get('kd', float('nan')):.3f}, ce {last.get('ce', float('nan')):.3f}, "
+        f"rank {last.get('rank', float('nan')):.3f})"
+        + (
+            f"; {describe_retrieval_on_labelled(metrics['retrieval_labelled'], spec)}"
+            if metrics.get("retrieval_labelled")
+            else ""
+        ),
     )
 
 
@@ -54,7 +59,12 @@ def retrieval_on_labelled(task: Task, student, store, few_shot: list[Example]) -
         "majority_share": majority_share(labels),
         "examples": len(labels),
     }
-    return {**measured, "informative": clearly_above_majority(measured["retrieval_accuracy"], measured["majority_share"], measured["examples"])}
+    return {
+        **measured,
+        "informative": clearly_above_majority(
+            measured["retrieval_accuracy"], measured["majority_share"], measured["examples"]
+        ),
+    }
 
 
 def gates_retrieval(measured: dict, spec: JobSpec) -> bool:
@@ -64,7 +74,8 @@ def gates_retrieval(measured: dict, spec: JobSpec) -> bool:
 
 def describe_retrieval_on_labelled(measured: dict, spec: JobSpec) -> str:
     line = (
-        f"the store's soft labels, retrieved by the untrained student, label {measured['retrieval_accuracy']:.0%} of the"
+        "the store's soft labels, retrieved by the untrained student, "
+        f"label {measured['retrieval_accuracy']:.0%} of the"
         f" {measured['examples']} labelled examples right (majority label {measured['majority_share']:.0%})"
     )
     if gates_retrieval(measured, spec):
@@ -108,7 +119,15 @@ def train_loop(config: dict) -> None:
     from tqdm import tqdm
 
     from ..knowledge_store import KnowledgeStore
-    from ..retrieval_student import RetrievalStudent, ce_loss, encoder_fingerprint, kd_loss, rank_loss, store_rank_loss, teacher_neighbours
+    from ..retrieval_student import (
+        RetrievalStudent,
+        ce_loss,
+        encoder_fingerprint,
+        kd_loss,
+        rank_loss,
+        store_rank_loss,
+        teacher_neighbours,
+    )
     from ..training import Checkpoints, Optimiser, report_outputs, set_threads, shard, worker_context, worker_spec
 
     spec = worker_spec(config)
@@ -130,7 +149,11 @@ def train_loop(config: dict) -> None:
     head = list(student.head.parameters())
     head_ids = {id(parameter) for parameter in head}
     groups = [
-        {"params": [p for p in student.parameters() if id(p) not in head_ids], "lr": settings.lr, "weight_decay": settings.weight_decay},
+        {
+            "params": [p for p in student.parameters() if id(p) not in head_ids],
+            "lr": settings.lr,
+            "weight_decay": settings.weight_decay,
+        },
         {"params": head, "lr": settings.head_lr, "weight_decay": 0.0},
     ]
     optimiser = Optimiser(StudentStep(student), groups, config["deepspeed"])
@@ -144,7 +167,11 @@ def train_loop(config: dict) -> None:
         # SmolLM2's answer states on SST-2), so softmax(cos / tau_T) is nearly flat and L_rank would teach
         # the student to push every pair apart. Centred on the store's mean, the targets rank by content.
         states = torch.from_numpy(store.teacher_states - store.teacher_states.mean(axis=0)).to(device)
-    nearest = teacher_neighbours(states, settings.rank_list_size) if states is not None and settings.b > 0 and settings.rank_lists == "store" else None
+    nearest = (
+        teacher_neighbours(states, settings.rank_list_size)
+        if states is not None and settings.b > 0 and settings.rank_lists == "store"
+        else None
+    )
     generator = np.random.default_rng(settings.seed)
     steps = math.ceil(len(store.inputs) / (batch_size * world))
     history, totals, mine, seen, position = [], {}, [], set(), 0
@@ -166,10 +193,18 @@ def train_loop(config: dict) -> None:
         ids = np.array([mine[(step * batch_size + i) % len(mine)] for i in range(batch_size)])
         if epoch == 0:  # one pass: each rank's slice of the permutation
             seen.update(int(i) for i in ids)
-        gold = generator.choice(len(gold_inputs), size=min(settings.gold_per_batch, len(gold_inputs)), replace=False) if settings.gold_per_batch and settings.a > 0 else []
+        gold = (
+            generator.choice(len(gold_inputs), size=min(settings.gold_per_batch, len(gold_inputs)), replace=False)
+            if settings.gold_per_batch and settings.a > 0
+            else []
+        )
         z, out, gold_out = optimiser.model(store, [store.inputs[i] for i in ids], ids, [gold_inputs[i] for i in gold])
         l_kd = kd_loss(soft[ids], out["p"])
-        l_ce = ce_loss(torch.tensor([gold_targets[i] for i in gold], device=device), gold_out["p"]) if gold_out is not None else z.new_zeros(())
+        l_ce = (
+            ce_loss(torch.tensor([gold_targets[i] for i in gold], device=device), gold_out["p"])
+            if gold_out is not None
+            else z.new_zeros(())
+        )
         if states is None or settings.b == 0:
             l_rank = z.new_zeros(())
         elif nearest is None:
@@ -178,7 +213,9 @@ def train_loop(config: dict) -> None:
             members, valid = rank_lists(nearest[ids], out["ids"].cpu().numpy())
             rows = torch.from_numpy(members)
             keys = torch.from_numpy(store.keys[members])
-            l_rank = store_rank_loss(states[ids], states[rows], z, keys, torch.from_numpy(valid), settings.tau_teacher, settings.tau_student)
+            l_rank = store_rank_loss(
+                states[ids], states[rows], z, keys, torch.from_numpy(valid), settings.tau_teacher, settings.tau_student
+            )
         loss = l_kd + settings.a * l_ce + settings.b * l_rank
         optimiser.step(loss)
         for key, value in (("loss", loss), ("kd", l_kd), ("ce", l_ce), ("rank", l_rank)):
@@ -187,11 +224,21 @@ def train_loop(config: dict) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step == steps - 1:
-            store = store.with_keys(student.embed_all(store.inputs, batch_size=spec.store.encode_batch_size), encoder_fingerprint(student.encoder))
+            store = store.with_keys(
+                student.embed_all(store.inputs, batch_size=spec.store.encode_batch_size),
+                encoder_fingerprint(student.encoder),
+            )
             history.append({"epoch": epoch, **totals})
         if checkpoints.due(position):
             keys = (store.keys, store.encoder_fingerprint) if position >= steps else None
-            state = {"history": history, "totals": totals, "mine": mine, "seen": seen, "generator": generator.bit_generator.state, "keys": keys}
+            state = {
+                "history": history,
+                "totals": totals,
+                "mine": mine,
+                "seen": seen,
+                "generator": generator.bit_generator.state,
+                "keys": keys,
+            }
             checkpoints.save(position, state, {"loss": loss.item()})
     bar.close()
 

@@ -73,7 +73,11 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         return StageResult(metrics={}, counts={"annotated": 0}, summary="off (unlabelled.samples: 0)")
     drawn, skipped, eligible = draw_texts(spec, task)
     frame = pd.DataFrame(
-        {"label": [-1] * len(drawn), "text": [task.example_text(example) for example in drawn], "fields": [json.dumps(example.fields) for example in drawn]},
+        {
+            "label": [-1] * len(drawn),
+            "text": [task.example_text(example) for example in drawn],
+            "fields": [json.dumps(example.fields) for example in drawn],
+        },
         columns=columns,
     )
     annotated, chunks_resumed = annotate(spec, task, frame, spec.model_dump(mode="json"), stage.dir / ANNOTATION_SHARDS)
@@ -84,7 +88,10 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         "eligible": eligible,
         "annotated": len(annotated),
         **{f"skipped_{reason}": count for reason, count in sorted(skipped.items())},
-        **{f"teacher_label_{task.label_names[label]}": int((annotated["label"] == label).sum()) for label in range(task.num_labels)},
+        **{
+            f"teacher_label_{task.label_names[label]}": int((annotated["label"] == label).sum())
+            for label in range(task.num_labels)
+        },
     }
     reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
     return StageResult(
