@@ -33,6 +33,11 @@ class TaskSpec(Section):
     )
     description: str | None = Field(None, description="One line saying what the texts are; starts the prompts")
     format: Literal["jsonl", "tsv", "csv"] | None = Field(None, description="Data file format")
+    columns: list[str] | None = Field(
+        None,
+        description="tsv/csv files without a header line: the name of each column, in order (the first line is then "
+        "data, unless it repeats these names); None: the first line is the header",
+    )
     text_fields: list[str] | None = Field(None, description="Input fields, in the order they are shown")
     choice_fields: list[str] | None = Field(None, description="choice tasks: the alternatives' fields")
     label_field: str | None = Field(None, description="Field holding the gold label")
@@ -159,7 +164,7 @@ class DeepSpeedSpec(Section):
             if not path.is_file():
                 raise ValueError(f"config_file: file not found: {self.config_file}")
             try:
-                loaded = json.loads(path.read_text())
+                loaded = json.loads(path.read_text(encoding="utf-8-sig"))
             except json.JSONDecodeError as error:
                 raise ValueError(f"config_file: {self.config_file} is not valid JSON (line {error.lineno})") from None
             if not isinstance(loaded, dict):

@@ -33,7 +33,8 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -147,10 +148,21 @@ class Predictor:
 
 
 # ------------------------------------------------------------------------------------------ the API
+EMPTY_TEXT = "empty text: an input needs words to classify"
+
+
+def has_text(raw: str | dict[str, str]) -> str | dict[str, str]:
+    """A text input must hold more than whitespace (422 at `inputs.i`); an object's fields are checked by
+    `parse_inputs`, which knows the task's fields."""
+    if isinstance(raw, str) and not raw.strip():
+        raise PydanticCustomError("empty_text", EMPTY_TEXT)
+    return raw
+
+
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[str | dict[str, str]] = Field(
+    inputs: list[Annotated[str | dict[str, str], AfterValidator(has_text)]] = Field(
         min_length=1,
         description="A text per input for a task with one text field, "
         "else an object with the task's input fields (see /v1/info)",
@@ -239,7 +251,8 @@ def parse_inputs(task: Task, inputs: list[str | dict[str, str]]) -> list[Example
     examples, errors = [], []
     for index, raw in enumerate(inputs):
         where = ("inputs", index)
-        if isinstance(raw, str):
+        text_input = isinstance(raw, str)
+        if text_input:
             if len(fields) > 1:
                 errors.append(
                     {"type": "value_error", "loc": where, "msg": f"expected an object with the fields {fields}"}
@@ -255,8 +268,13 @@ def parse_inputs(task: Task, inputs: list[str | dict[str, str]]) -> list[Example
             {"type": "missing", "loc": (*where, name), "msg": "field required"} for name in fields if name not in raw
         ]
         values = {name: normalise(raw[name]) for name in fields if name in raw}
+        problems += [
+            {"type": "empty_text", "loc": where if text_input else (*where, name), "msg": EMPTY_TEXT}
+            for name, value in values.items()
+            if not value
+        ]
         question = task.question_field
-        if question in values and values[question] not in task.connectives:
+        if values.get(question) and values[question] not in task.connectives:
             problems.append(
                 {"type": "value_error", "loc": (*where, question), "msg": f"expected one of {list(task.connectives)}"}
             )

@@ -263,6 +263,14 @@ class Task:
             raise SpecError("task.text_fields: the text, choice and question fields must all differ")
         if spec.label_field in self._input_fields:
             raise SpecError(f"task.label_field: '{spec.label_field}' is also an input field")
+        if spec.columns is not None:
+            if spec.format == "jsonl":
+                raise SpecError("task.columns: only tsv and csv files use it (a jsonl row names its fields)")
+            if len(set(spec.columns)) != len(spec.columns) or not all(name.strip() for name in spec.columns):
+                raise SpecError("task.columns: names must be distinct and not empty")
+            for field in [*self._input_fields, spec.label_field]:
+                if field not in spec.columns:
+                    raise SpecError(f"task.columns: no column '{field}' in {spec.columns}")
 
     @property
     def input_fields(self) -> list[str]:
@@ -280,12 +288,15 @@ class Task:
         return str(DATA_DIR / self.name / train), str(DATA_DIR / self.name / dev)
 
     def load(self, path: str | Path, labelled: bool = True) -> list[Example]:
-        """Read a jsonl, tsv or csv file (optionally .gz) into examples; a bad row raises `path:line: ...`.
-        With `labelled` False the label field is not needed, and ignored where present (labels -1)."""
+        """Read a jsonl, tsv or csv file (optionally .gz, UTF-8 with or without a byte-order mark) into examples;
+        a bad row raises `path:line: ...`. A tsv or csv file's first line is its header, unless `task.columns`
+        names the columns. With `labelled` False the label field is not needed, and ignored where present
+        (labels -1)."""
         path = str(path)
         if not Path(path).is_file():
             raise SpecError(f"{path}: file not found")
-        columns = self._input_fields + ([self.spec.label_field] if labelled else [])
+        needed = self._input_fields + ([self.spec.label_field] if labelled else [])
+        table = dict(needed=needed, names=self.spec.columns, label_values=self.spec.label_values)
         examples = []
         try:
             with _open_text(path) as handle:
@@ -293,9 +304,9 @@ class Task:
                     rows = _jsonl_rows(handle, path)
                 elif self.spec.format == "tsv":
                     # QUOTE_NONE: GLUE tsv files hold bare quote characters inside sentences
-                    rows = _table_rows(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), path, columns)
+                    rows = _table_rows(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), path, **table)
                 else:
-                    rows = _table_rows(csv.reader(handle), path, columns)
+                    rows = _table_rows(csv.reader(handle), path, **table)
                 for line, record in rows:
                     examples.append(self._example(record, f"{path}:{line}", labelled))
         except UnicodeDecodeError as error:
@@ -436,9 +447,10 @@ def _title(field: str) -> str:
 
 
 def _open_text(path: str):
+    """The file as text; utf-8-sig drops the byte-order mark that spreadsheet exports (and MRPC) start with."""
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _jsonl_rows(handle, path: str) -> Iterator[tuple[int, dict]]:
@@ -454,26 +466,58 @@ def _jsonl_rows(handle, path: str) -> Iterator[tuple[int, dict]]:
         yield line, record
 
 
-def _table_rows(reader, path: str, columns: list[str]) -> Iterator[tuple[int, dict]]:
-    """Rows of a table with a header, keyed by column name, with the line each row starts on."""
-    header = None
+def _table_rows(
+    reader, path: str, needed: list[str], names: list[str] | None, label_values: list[str]
+) -> Iterator[tuple[int, dict]]:
+    """Rows of a table keyed by column name, with the line each row starts on. The names are `names`
+    (task.columns: the file has no header line; a first line that repeats them is skipped), else the first row's."""
+    header = names
+    first = True
     previous_end = 0
     try:
         for row in reader:
             line, previous_end = previous_end + 1, reader.line_num  # a quoted csv row may span lines
             if not row:
                 continue
-            if header is None:
-                header = row
-                for column in columns:
-                    if column not in header:
-                        raise SpecError(f"{path}:{line}: missing field '{column}' (the header has {header})")
-                continue
+            if first:
+                first = False
+                if names is None:
+                    header = row
+                    _check_header(header, path, line, needed, label_values)
+                    continue
+                if row == names:
+                    continue
             if len(row) != len(header):
-                raise SpecError(f"{path}:{line}: expected {len(header)} columns, found {len(row)}")
+                named = " (task.columns)" if names is not None else ""
+                raise SpecError(f"{path}:{line}: expected {len(header)} columns{named}, found {len(row)}")
             yield line, dict(zip(header, row))
     except csv.Error as error:
         raise SpecError(f"{path}:{reader.line_num}: {error}") from None
+
+
+def _check_header(header: list[str], path: str, line: int, needed: list[str], label_values: list[str]) -> None:
+    """Every needed field is a column of the header; when one is not and the header looks like a data row
+    (a cell that is a label value, a number or several words), the error says to name the columns."""
+    for field in needed:
+        if field in header:
+            continue
+        if any(_looks_like_a_value(cell, label_values) for cell in header):
+            raise SpecError(
+                f"{path}:{line}: the first line looks like data, not a header (no column '{field}'): "
+                "for a file without a header line, name its columns with task.columns"
+            )
+        raise SpecError(f"{path}:{line}: missing field '{field}' (the header has {header})")
+
+
+def _looks_like_a_value(cell: str, label_values: list[str]) -> bool:
+    text = cell.strip()
+    if text in label_values or len(text.split()) > 3:
+        return True
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def data_files(spec: JobSpec, task: Task) -> tuple[str, str]:

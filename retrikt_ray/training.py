@@ -47,7 +47,7 @@ def deepspeed_config(spec: JobSpec, stage: str, batch_size: int) -> dict:
     """
     settings = spec.deepspeed_for(stage)
     if settings.config_file is not None:
-        config = json.loads(Path(settings.config_file).expanduser().read_text())
+        config = json.loads(Path(settings.config_file).expanduser().read_text(encoding="utf-8-sig"))
     else:
         offload = settings.offload_optimizer
         zero: dict[str, Any] = {"stage": settings.zero_stage}

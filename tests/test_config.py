@@ -199,6 +199,35 @@ data:
     assert cli("validate", str(job), "--set", f"unlabelled.file={texts}").returncode == 0
 
 
+def test_cli_validate_asks_for_task_columns_when_the_first_line_is_data(tmp_path):
+    data = tmp_path / "cola.tsv"  # GLUE's CoLA as distributed: source, label, original_label, sentence; no header
+    data.write_text("gj04\t1\t\tOur friends won't buy this analysis.\ngj04\t0\t*\tThey drank the pub.\n")
+    job = write(
+        tmp_path,
+        f"""
+task:
+  name: cola
+  format: tsv
+  text_fields: [sentence]
+  label_field: label
+  label_values: ["0", "1"]
+  description: Sentences and whether they are grammatical
+data:
+  train_file: {data}
+  dev_file: {data}
+  shots: 1
+""",
+    )
+    result = cli("validate", str(job))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {data}:1: the first line looks like data, not a header (no column 'sentence'): "
+        "for a file without a header line, name its columns with task.columns"
+    ]
+    named = cli("validate", str(job), "--set", "task.columns=[source, label, original_label, sentence]")
+    assert named.returncode == 0, named.stderr
+
+
 def test_deepspeed_settings_become_a_complete_engine_config(tmp_path):
     from retrikt_ray.training import deepspeed_config
 

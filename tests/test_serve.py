@@ -24,6 +24,7 @@ from retrikt_ray.serve import (
     APP_NAME,
     INGRESS,
     STUDENT_STORE,
+    ClassifyRequest,
     InputError,
     build_app,
     check_exposure,
@@ -233,6 +234,36 @@ def test_malformed_requests_get_422_naming_the_field(served, body, loc):
     assert_still_answers(url)
 
 
+EMPTY_INPUTS = [({"inputs": ["good text", "   "]}, ["body", "inputs", 1]), ({"inputs": [""]}, ["body", "inputs", 0])]
+
+
+@pytest.mark.parametrize("body, loc", EMPTY_INPUTS)
+def test_empty_inputs_get_422_naming_the_input(served, body, loc):
+    _, _, url, _ = served
+    answer = post(url, body)
+    assert answer.status_code == 422, answer.text
+    assert [error["loc"] for error in answer.json()["detail"]] == [loc], answer.json()
+    assert_still_answers(url)
+
+
+@pytest.mark.parametrize("body, loc", EMPTY_INPUTS)
+def test_the_request_model_refuses_empty_inputs(body, loc):
+    """The route's body model in a bare FastAPI app (no Ray): the 422 FastAPI builds from it names the input."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    api = FastAPI()
+
+    @api.post("/v1/classify")
+    async def classify(request: ClassifyRequest) -> dict:
+        return {"inputs": len(request.inputs)}
+
+    answer = TestClient(api).post("/v1/classify", json=body)
+    assert answer.status_code == 422, answer.text
+    assert [error["loc"] for error in answer.json()["detail"]] == [loc]
+    assert TestClient(api).post("/v1/classify", json={"inputs": ["good text", {"premise": " a "}]}).status_code == 200
+
+
 def test_choice_inputs_are_objects_of_the_task_fields():
     task = Task.from_spec(TaskSpec(name="copa"))
     good = {"premise": "The man  fell.", "question": "cause", "choice1": "He slipped.", "choice2": "He sang."}
@@ -247,6 +278,12 @@ def test_choice_inputs_are_objects_of_the_task_fields():
         ("inputs", 0),
         ("inputs", 1, "question"),
         ("inputs", 2, "choice2"),
+    ]
+    with pytest.raises(InputError) as error:  # a field of only whitespace is empty
+        parse_inputs(task, [good, {**good, "choice1": " \t "}, {**good, "question": ""}])
+    assert [(problem["loc"], problem["type"]) for problem in error.value.errors] == [
+        (("inputs", 1, "choice1"), "empty_text"),
+        (("inputs", 2, "question"), "empty_text"),
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 from collections import Counter
@@ -340,6 +341,9 @@ def test_custom_task_required_fields(missing):
         (dict(label_field="context"), "task.label_field: 'context' is also an input field"),
         (dict(text_fields=["question", "question"]), "task.text_fields: "),
         (dict(description=" "), "task.description: "),
+        (dict(columns=["question", "context", "kind"]), "task.columns: only tsv and csv files use it"),
+        (dict(format="tsv", columns=["question", "kind"]), "task.columns: no column 'context' in"),
+        (dict(format="csv", columns=["question", "context", "kind", "kind"]), "task.columns: names must be distinct"),
     ],
 )
 def test_invalid_custom_specs(fields, message):
@@ -352,6 +356,82 @@ def test_default_files_only_for_builtins():
     assert set(BUILTIN_TASKS) == {"sst2", "rte", "cb", "copa"}
     with pytest.raises(SpecError, match="custom task 'qa'"):
         task("qa", format="jsonl", **CUSTOM).default_files()
+
+
+@pytest.mark.parametrize("name", ["qa.jsonl", "qa.tsv", "qa.csv", "qa.tsv.gz"])
+def test_files_starting_with_a_byte_order_mark(tmp_path, name):
+    """Spreadsheet exports and MRPC start with a UTF-8 BOM; it is not part of the first field's name."""
+    fmt = name.split(".")[1]
+    if fmt == "jsonl":
+        text = "".join(json.dumps(row) + "\n" for row in ROWS)
+    else:
+        delimiter = "\t" if fmt == "tsv" else ","
+        header = ["kind", "question", "context"]  # the label first, as MRPC's Quality
+        rows = [header] + [[row[column] for column in header] for row in ROWS]
+        text = "".join(delimiter.join(row) + "\r\n" for row in rows)  # CRLF, as spreadsheets write
+    data = "\ufeff".encode() + text.encode()
+    assert data.startswith(b"\xef\xbb\xbf")
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    t = task("qa", format=fmt, **CUSTOM)
+    examples = t.load(path)
+    assert [e.label for e in examples] == [0, 1, 0]
+    assert examples[0].fields == {"question": "How many legs?", "context": "A spider has eight legs."}
+    assert [e.fields for e in t.load(path, labelled=False)] == [e.fields for e in examples]
+
+
+COLA = dict(
+    description="Sentences and whether they are grammatical",
+    text_fields=["sentence"],
+    label_field="label",
+    label_values=["0", "1"],
+    label_names=["unacceptable", "acceptable"],
+)
+COLA_COLUMNS = ["source", "label", "original_label", "sentence"]
+COLA_ROWS = [  # GLUE's CoLA as distributed: no header line
+    ["gj04", "1", "", "Our friends won't buy this analysis, let alone the next one we propose."],
+    ["gj04", "0", "*", "They drank the pub."],
+    ["bc01", "1", "", "The sailors rode the breeze clear of the rocks."],
+]
+
+
+def write_rows(path, fmt: str, rows) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        options = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else {}
+        csv.writer(handle, lineterminator="\n", **options).writerows(rows)
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "csv"])
+def test_a_file_without_header_line_is_read_with_task_columns(tmp_path, fmt):
+    path = tmp_path / f"cola.{fmt}"
+    write_rows(path, fmt, COLA_ROWS)
+    t = task("cola", format=fmt, columns=COLA_COLUMNS, **COLA)
+    examples = t.load(path)
+    assert [e.label for e in examples] == [1, 0, 1]
+    assert examples[0].fields == {"sentence": COLA_ROWS[0][3]}
+    assert examples[0].source == f"{path}:1"  # the first line is data
+    assert [e.fields for e in t.load(path, labelled=False)] == [e.fields for e in examples]
+
+    write_rows(path, fmt, [COLA_COLUMNS, *COLA_ROWS])  # a first line that repeats the names is a header
+    assert [e.source for e in t.load(path)] == [f"{path}:{line}" for line in (2, 3, 4)]
+
+    write_rows(path, fmt, [*COLA_ROWS, ["gj04", "1", "A row with one column too few."]])
+    assert error_of(t, path) == f"{path}:4: expected 4 columns (task.columns), found 3"
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "csv"])
+def test_a_first_line_that_looks_like_data_asks_for_task_columns(tmp_path, fmt):
+    path = tmp_path / f"cola.{fmt}"
+    write_rows(path, fmt, COLA_ROWS)
+    assert error_of(task("cola", format=fmt, **COLA), path) == (
+        f"{path}:1: the first line looks like data, not a header (no column 'sentence'): "
+        "for a file without a header line, name its columns with task.columns"
+    )
+    # A header that merely lacks the field keeps naming what the header has.
+    write_rows(path, fmt, [["source", "label", "original_label", "text"], *COLA_ROWS])
+    assert error_of(task("cola", format=fmt, **COLA), path) == (
+        f"{path}:1: missing field 'sentence' (the header has ['source', 'label', 'original_label', 'text'])"
+    )
 
 
 # ---------------------------------------------------------------------------------- bad files
