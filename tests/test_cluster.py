@@ -1,22 +1,22 @@
 """cluster/: every file parses, and the fields the package relies on agree with it.
 
 Image and Ray version, the RayJob's entrypoint and job spec, resources per pod against the job's
-resources section, autoscaling bounds against the job and the serve defaults, shared storage paths.
+resources section and the GPU node they must fit, autoscaling bounds against the job and the serve
+defaults, shared storage paths and their ownership, the run the RayService serves.
+tests/test_cluster_schemas.py validates the files against KubeRay's and Ray's schemas.
 """
 
-import json
 import os
 import re
 import shlex
 from pathlib import Path
 
-import jsonschema
 import pytest
-import ray.autoscaler
 import tomllib
 import yaml
 
 from retrikt_ray import serve
+from retrikt_ray.artifacts import run_location
 from retrikt_ray.cli import app
 from retrikt_ray.config import ServeSpec, load_spec
 
@@ -42,7 +42,14 @@ def constraint(package: str) -> str:
     return pins((ROOT / "constraints-cpu.txt").read_text())[package]
 
 
-IMAGE = f"retrikt:{version()}"
+REGISTRY = "YOUR_REGISTRY"  # the placeholder the user replaces with the registry the image is pushed to
+LOCAL_IMAGE = f"retrikt:{version()}"  # what cluster/Dockerfile builds
+IMAGE = f"{REGISTRY}/{LOCAL_IMAGE}"
+# The GPU node a worker pod must fit (g5.2xlarge, aws.yaml's GPU workers), less what the kubelet, the system
+# reserve and the DaemonSets take of it.
+GPU_NODE_CPUS, GPU_NODE_MEMORY_GI = 8, 32
+SYSTEM_CPUS, SYSTEM_MEMORY_GI = 1, 2
+RAY_UID, RAY_GID = 1000, 100  # the Ray image's user, ray:users
 RAYCLUSTER = documents("raycluster.yaml")["RayCluster"]["spec"]
 RAYJOB = documents("rayjob.yaml")
 RAYSERVICE = documents("rayservice.yaml")["RayService"]["spec"]
@@ -52,6 +59,11 @@ CLUSTER_SPECS = {
     "rayjob": RAYJOB["RayJob"]["spec"]["rayClusterSpec"],
     "rayservice": RAYSERVICE["rayClusterConfig"],
 }
+
+
+def job_spec(tmp_path: Path):
+    (tmp_path / "job.yaml").write_text(RAYJOB["ConfigMap"]["data"]["job.yaml"])
+    return load_spec(tmp_path / "job.yaml")
 
 
 def pods(cluster: dict) -> list[dict]:
@@ -69,6 +81,12 @@ def cpus(quantity: str) -> float:
     return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
 
 
+def gibibytes(quantity: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(quantity)).groups()
+    return float(number) * units.get(unit, 1) / 2**30
+
+
 def test_every_file_parses():
     assert sorted(path.name for path in CLUSTER.iterdir()) == sorted(
         [
@@ -79,23 +97,31 @@ def test_every_file_parses():
             "raycluster.yaml",
             "rayjob.yaml",
             "rayservice.yaml",
+            "schemas",
             "storage.yaml",
         ]
     )
     for name in ("raycluster.yaml", "rayjob.yaml", "rayservice.yaml", "storage.yaml"):
         for doc in yaml.safe_load_all((CLUSTER / name).read_text()):
             assert doc["apiVersion"] in ("ray.io/v1", "v1") and doc["metadata"]["name"]
-    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
-    jsonschema.validate(AWS, schema)
     yaml.safe_load(RAYSERVICE["serveConfigV2"])
 
 
-def test_one_image_everywhere_built_by_the_dockerfile():
+def test_one_image_everywhere_built_by_the_dockerfile_with_the_registry_a_placeholder():
     images = [
-        container["image"] for spec in CLUSTER_SPECS.values() for pod in pods(spec) for container in pod["containers"]
+        container["image"]
+        for spec in CLUSTER_SPECS.values()
+        for pod in pods(spec)
+        for container in pod["containers"] + pod.get("initContainers", [])
     ]
     assert set(images) == {IMAGE} and AWS["docker"]["image"] == IMAGE
-    assert f"-t {IMAGE} " in (CLUSTER / "Dockerfile").read_text()
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert f"-t {LOCAL_IMAGE} " in dockerfile and f"docker push {IMAGE}" in dockerfile
+    # No name without the registry in the YAML, comments included: nothing there pulls a local tag.
+    for path in CLUSTER.glob("*.yaml"):
+        assert set(re.findall(r"(\S*)retrikt:[0-9]", path.read_text())) <= {f"{REGISTRY}/"}, path.name
+    # ray up pulls it on every host: aws.yaml carries the (commented) registry login, before the pull.
+    assert re.search(r"^  # - aws ecr get-login-password .*\| docker login ", (CLUSTER / "aws.yaml").read_text(), re.M)
 
 
 def test_ray_torch_and_packaged_models_match_the_cpu_stack():
@@ -127,16 +153,20 @@ def test_rayjob_entrypoint_runs_its_job_spec(tmp_path):
     assert spec.storage.runs_dir.startswith(SHARED_MOUNT + "/")
 
 
-def test_gpu_workers_fit_the_cluster_job_and_scale_within_the_same_bounds(tmp_path):
-    (tmp_path / "job.yaml").write_text(RAYJOB["ConfigMap"]["data"]["job.yaml"])
-    resources = load_spec(tmp_path / "job.yaml").resources
+def test_gpu_workers_fit_the_node_the_cluster_job_and_scale_within_the_same_bounds(tmp_path):
+    resources = job_spec(tmp_path).resources
     for name in ("raycluster", "rayjob"):
         spec = CLUSTER_SPECS[name]
         assert spec["enableInTreeAutoscaling"] and spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
         (gpu,) = spec["workerGroupSpecs"]
-        limits = container(gpu)["resources"]["limits"]
+        requests, limits = container(gpu)["resources"]["requests"], container(gpu)["resources"]["limits"]
+        # A pod asking for the whole 8-vCPU / 32 GiB node stays Pending: the node's allocatable is less.
+        assert requests == limits  # Guaranteed QoS, and what KubeRay advertises is what the pod got
+        assert cpus(requests["cpu"]) <= GPU_NODE_CPUS - SYSTEM_CPUS
+        assert gibibytes(requests["memory"]) <= GPU_NODE_MEMORY_GI - SYSTEM_MEMORY_GI
+        assert cpus(gpu["rayStartParams"]["num-cpus"]) == cpus(requests["cpu"])  # Ray schedules what the pod has
         assert int(limits["nvidia.com/gpu"]) == 1  # use_gpu: one GPU per worker and per teacher replica
-        assert cpus(limits["cpu"]) >= max(resources.cpus_per_worker, resources.cpus_per_replica)
+        assert cpus(gpu["rayStartParams"]["num-cpus"]) >= max(resources.cpus_per_worker, resources.cpus_per_replica)
         assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= max(
             resources.num_workers, resources.generation_replicas
         )
@@ -180,9 +210,21 @@ def test_rayservice_matches_the_serve_defaults():
         assert defaults.token_env in {variable["name"] for variable in pod["containers"][0]["env"]}
 
 
-def test_every_pod_mounts_the_shared_claim_and_aws_nodes_the_shared_folder():
+def test_rayservice_serves_the_run_the_rayjob_writes(tmp_path):
+    (application,) = yaml.safe_load(RAYSERVICE["serveConfigV2"])["applications"]
+    expected = run_location(job_spec(tmp_path))
+    assert application["args"]["run_dir"] == expected, (
+        f"rayjob.yaml's run directory is now {expected}: put it in rayservice.yaml's args.run_dir, "
+        "rayjob.yaml's header and cluster/README.md"
+    )
+    assert expected in (CLUSTER / "rayjob.yaml").read_text() and expected in (CLUSTER / "README.md").read_text()
+
+
+def test_every_pod_mounts_the_shared_claim_writable_by_the_image_user_and_aws_nodes_the_shared_folder(tmp_path):
     claim = documents("storage.yaml")["PersistentVolumeClaim"]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["storageClassName"]  # the clouds' defaults are ReadWriteOnce: the user must check it
+    runs_dir = job_spec(tmp_path).storage.runs_dir
     for spec in CLUSTER_SPECS.values():
         for pod in pods(spec):
             claims = {
@@ -190,11 +232,20 @@ def test_every_pod_mounts_the_shared_claim_and_aws_nodes_the_shared_folder():
                 for volume in pod["volumes"]
                 if "persistentVolumeClaim" in volume
             }
+            (shared,) = [name for name, claim_name in claims.items() if claim_name == claim["metadata"]["name"]]
             mounts = {mount["name"]: mount["mountPath"] for mount in pod["containers"][0]["volumeMounts"]}
-            assert {mounts[name] for name, claim_name in claims.items() if claim_name == claim["metadata"]["name"]} == {
-                SHARED_MOUNT
-            }
+            assert mounts[shared] == SHARED_MOUNT
+            # The image runs as uid 1000; a new share's root is root's. fsGroup where the driver applies it,
+            # and an init container, as root, that gives the runs folder to uid 1000 and checks it can write.
+            assert pod["securityContext"]["fsGroup"] == RAY_UID
+            (init,) = pod["initContainers"]
+            assert init["securityContext"]["runAsUser"] == 0
+            assert {mount["mountPath"] for mount in init["volumeMounts"] if mount["name"] == shared} == {SHARED_MOUNT}
+            script = init["command"][-1]
+            assert f"chown {RAY_UID}:{RAY_GID} {runs_dir}" in script
+            assert f"--reuid={RAY_UID} --regid={RAY_GID}" in script and f"test -w {runs_dir}" in script
     assert f"--volume {SHARED_MOUNT}:{SHARED_MOUNT}" in AWS["docker"]["run_options"]
+    assert f"sudo chown {RAY_UID}:{RAY_GID} {runs_dir}" in AWS["initialization_commands"][-1]
 
 
 @pytest.mark.parametrize("commands", ["head_start_ray_commands", "worker_start_ray_commands"])
