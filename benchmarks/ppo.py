@@ -99,11 +99,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from retrikt_ray import pipeline
+    from retrikt_ray.ray_session import ray_session
 
     profile = load_profile(REPO / "benchmarks" / "quality.yaml", args.profile)
     base = variant_specs(profile, args.profile, args.task, args.seed, Path(args.runs_dir))["full"]
     results = {}
-    with pipeline.ray_session(base):
+    with ray_session(base):
         for lr in args.lr:
             spec = base.model_copy(deep=True)
             spec.name = f"ppoexp-lr{lr:g}"

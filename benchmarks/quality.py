@@ -33,10 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-from retrikt_ray.baselines import BaselineSettings  # noqa: E402
+from baselines import BaselineSettings  # noqa: E402
+
 from retrikt_ray.config import JobSpec, format_validation_error  # noqa: E402
-from retrikt_ray.stages.evaluate import accuracy  # noqa: E402
+from retrikt_ray.metrics import accuracy  # noqa: E402
 
 # Row order of the table, with the label each method is shown under.
 METHODS = {
@@ -343,11 +345,12 @@ class Cells:
 
 def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int, runs_dir: Path, cells: Cells) -> None:
     """Every cell of one task and seed that is not finished yet."""
-    from retrikt_ray import baselines
+    import baselines
+
     from retrikt_ray.artifacts import read_manifest
     from retrikt_ray.pipeline import run
     from retrikt_ray.rl import distinct_n
-    from retrikt_ray.stages.generate import read_samples
+    from retrikt_ray.samples import read_samples
     from retrikt_ray.tasks import load_dev, load_few_shot
 
     specs = variant_specs(profile, profile_name, task_name, seed, runs_dir)
@@ -461,9 +464,9 @@ def tuned_prompt_accuracy(
     spec: JobSpec, task, dev, gold: np.ndarray, run_dir: Path, settings: BaselineSettings
 ) -> float:
     """The teacher with the stage-1 soft prompt as a generative classifier, calibrated on the dev pool."""
+    from baselines import tuned_prompt_teacher
     from safetensors.torch import load_file
 
-    from retrikt_ray.baselines import tuned_prompt_teacher
     from retrikt_ray.teacher import Teacher, calibrate
 
     soft_prompt = load_file(str(run_dir / "prompt" / "soft_prompt.safetensors"))["soft_prompt"]
@@ -613,7 +616,7 @@ def main() -> None:
     if not args.report_only:
         import torch
 
-        from retrikt_ray.pipeline import ray_session
+        from retrikt_ray.ray_session import ray_session
 
         cells.write_hook = lambda: write_results(out, args.profile, profile, cells, started)
         torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -131,7 +131,7 @@ def drive_endpoint(args, spec, texts: list[str]) -> dict:
     """Serve the run on 127.0.0.1 (local Ray), load it, stop it; throughput, latencies, replicas."""
     from ray import serve
 
-    from retrikt_ray.pipeline import ray_session
+    from retrikt_ray.ray_session import ray_session
 
     token = read_token(spec.serve)
     if token is None and spec.serve.token_env:

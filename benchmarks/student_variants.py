@@ -69,8 +69,8 @@ def main() -> None:
 
     from retrikt_ray.artifacts import read_manifest
     from retrikt_ray.config import SpecError, load_spec
+    from retrikt_ray.metrics import teacher_agreement
     from retrikt_ray.pipeline import run
-    from retrikt_ray.stages.evaluate import teacher_agreement
 
     variants = yaml.safe_load(args.variants.read_text())
     base = load_spec(args.run / "job.yaml")

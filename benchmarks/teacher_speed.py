@@ -384,7 +384,7 @@ def summarise_generation(result: dict) -> dict:
 
 
 def reading(log) -> dict:
-    from retrikt_ray.stages.evaluate import accuracy
+    from retrikt_ray.metrics import accuracy
     from retrikt_ray.teacher import calibrate
 
     dev = classification_examples("dev", None)

@@ -539,14 +539,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for text in overrides:
-        parts, value = parse_override(text)
+def _override_items(overrides: list[str] | dict[str, Any]):
+    """(what an error names, field path, value) of each override, read as it is reached."""
+    if isinstance(overrides, dict):
+        for path, value in overrides.items():
+            parts = path.split(".")
+            if not all(parts):
+                raise SpecError(f"{path}: empty field name")
+            yield path, parts, value
+    else:
+        for text in overrides:
+            yield (f"--set {text}", *parse_override(text))
+
+
+def apply_overrides(raw: dict, overrides: list[str] | dict[str, Any]) -> dict:
+    """Set fields of a raw (not yet validated) spec: `--set` texts `section.field=value`, each value read as
+    YAML, or a mapping of `section.field` paths to values (`tune.with_values`). `validate_spec` checks them."""
+    for where, parts, value in _override_items(overrides):
         node = raw
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise SpecError(f"--set {text}: '{part}' is not a section")
+                raise SpecError(f"{where}: '{part}' is not a section")
             node = child
         node[parts[-1]] = value
     return raw
@@ -569,7 +583,11 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | None = None
         if not isinstance(raw, dict):
             raise SpecError(f"{path}: a job spec is a mapping of sections")
         base = path.resolve().parent
-    raw = apply_overrides(raw, overrides or [])
+    return validate_spec(apply_overrides(raw, overrides or []), base)
+
+
+def validate_spec(raw: dict, base: Path) -> JobSpec:
+    """A raw spec validated (its first mistake as a one-line SpecError), relative paths resolved against `base`."""
     try:
         spec = JobSpec.model_validate(raw, context={"base": base})
     except ValidationError as error:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +19,7 @@ from .artifacts import (
     write_job_file,
 )
 from .config import TRAINING_STAGES, JobSpec, SpecError
+from .ray_session import ray_session
 from .stages import evaluate, generate, ppo, prompt, store, student, unlabelled
 
 STAGES = (prompt, ppo, generate, unlabelled, store, student, evaluate)
@@ -80,28 +79,6 @@ def plan(spec: JobSpec, run_dir: Path) -> list[StageRun]:
             )
         )
     return runs
-
-
-@contextlib.contextmanager
-def ray_session(spec: JobSpec):
-    """Connect to the spec's Ray address, or start a local Ray in-process; shut down what we started."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    if spec.resources.address:
-        ray.init(address=spec.resources.address, logging_level=logging.WARNING, log_to_driver=True)
-    else:
-        # The dashboard (loopback only) serves the State API that Ray Train's placement-group cleaner polls.
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING, log_to_driver=True)
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def sync_with_remote(remote: RemoteRun, stages: list[StageRun], log: Callable[[str], None]) -> None:

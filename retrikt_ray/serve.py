@@ -579,7 +579,7 @@ def start(run_dir, host: str, port: int) -> str:
 
 def serve_until_interrupted(run_dir, host: str, port: int, address: str | None, log=print) -> None:
     """`retrikt serve`: start Ray (local, or join `address`), serve the run until Ctrl-C, then remove it."""
-    from .pipeline import ray_session
+    from .ray_session import ray_session
 
     spec = load_run_spec(run_dir)
     check_exposure(host, read_token(spec.serve))  # before Ray starts

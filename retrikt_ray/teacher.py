@@ -35,6 +35,19 @@ def calibrate(probs: np.ndarray, reference_mean: np.ndarray, temperature: float 
     return (scaled / scaled.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def calibration_reference(
+    spec: JobSpec, pool_raw: np.ndarray, teacher: Teacher | None = None, task: Task | None = None
+) -> np.ndarray:
+    """The reference mean distribution `calibrate` divides by, as `teacher.calibration` says: `pool`, the mean
+    raw p_C of the inputs being classified (`pool_raw`); `content_free`, the teacher's mean raw p_C over
+    content-free inputs (`teacher`, or the spec's teacher for `task` loaded here when none is given)."""
+    if spec.teacher.calibration == "content_free":
+        if teacher is None:
+            teacher = Teacher.from_spec(spec, task)
+        return teacher.content_free_reference()
+    return pool_raw.mean(axis=0)
+
+
 class Teacher:
     """The task's view of the teacher: prompts, verbalisers and soft prompts in, samples, log-probs and
     p_C out. Every forward pass goes through its engine (engine.py); a soft prompt is always passed

@@ -19,7 +19,6 @@ finds every stage finished), beside Tune's own records in `tune/`.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from . import pipeline
 from .artifacts import is_uri, read_manifest, run_dir_for
-from .config import JobSpec, SpecError, content_hash, dump_spec
+from .config import JobSpec, SpecError, apply_overrides, content_hash, dump_spec, validate_spec
+from .ray_session import ray_session
 
 SEARCHERS = {
     "optuna": ("ray.tune.search.optuna", "OptunaSearch"),
@@ -150,20 +150,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
 
 
 def with_values(spec: JobSpec, values: dict[str, Any]) -> JobSpec:
-    """A copy of the spec with `section.field` values set (validated as the spec's own fields)."""
-    changed = spec.model_copy(deep=True)
-    for path, value in values.items():
-        *sections, field = path.split(".")
-        try:
-            owner = functools.reduce(getattr, sections, changed)
-            if not sections or field not in type(owner).model_fields:
-                raise AttributeError(path)
-            setattr(owner, field, value)
-        except AttributeError:
-            raise SpecError(f"{path}: not a job field") from None
-        except ValidationError as error:
-            raise SpecError(f"{path}={value!r}: {error.errors()[0]['msg'].removeprefix('Value error, ')}") from None
-    return changed
+    """A copy of the spec with `section.field` values set as `--set` sets them (`config.apply_overrides`), then
+    validated as a loaded spec is (`config.validate_spec`: the same one-line errors, relative paths resolved
+    against the working folder)."""
+    return validate_spec(apply_overrides(spec.model_dump(), values), Path.cwd())
 
 
 def shared_stages(fields: list[str]) -> list[str]:
@@ -350,7 +340,7 @@ def tune_job(spec: JobSpec, sweep: SweepSpec, log: Callable[[str], None] = print
     out = sweep_dir_for(spec, sweep)
     out.mkdir(parents=True, exist_ok=True)
     fields = [*sweep.space, *([sweep.scheduler.fidelity] if sweep.scheduler.fidelity else [])]
-    with pipeline.ray_session(spec):
+    with ray_session(spec):
         for stage in shared_stages(fields):
             pipeline.run(spec, only=stage, log=log)
         max_concurrent = sweep.max_concurrent or concurrent_trials(spec, ray.cluster_resources())

@@ -80,7 +80,7 @@ def tiny_models(request, tmp_path_factory) -> dict[str, str]:
 def sst2_run(ray_local, tiny_models, tmp_path_factory):
     """The tiny SST-2 pipeline, run once per session and shared by the stage tests and the DeepSpeed
     tests: 2 Ray Train workers under DeepSpeed ZeRO-2, checkpointing every few steps."""
-    from test_stages import run_logged, tiny_spec
+    from helpers import run_logged, tiny_spec
 
     spec = tiny_spec(tiny_models, tmp_path_factory.mktemp("runs"))
     spec.deepspeed.zero_stage = 2

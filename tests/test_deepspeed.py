@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_stages import manifest, run_logged
+from helpers import manifest, run_logged
 
 from retrikt_ray import pipeline
 from retrikt_ray.training import TRAIN_STORAGE

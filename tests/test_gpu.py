@@ -5,7 +5,7 @@ with DIR built elsewhere by `build_tiny_models` (tests/conftest.py)."""
 
 import pytest
 import torch
-from test_stages import manifest, run_logged, tiny_spec
+from helpers import manifest, run_logged, tiny_spec
 
 from retrikt_ray import pipeline
 

@@ -21,13 +21,11 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from helpers import cli, tiny_spec
 from ray._private.runtime_env.packaging import create_package
-from test_stages import tiny_spec
-from typer.testing import CliRunner
 
 from retrikt_ray import jobs_api
 from retrikt_ray.artifacts import read_manifest
-from retrikt_ray.cli import app
 from retrikt_ray.config import dump_spec
 from retrikt_ray.pipeline import STAGE_NAMES
 
@@ -42,10 +40,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def cli(*args, env=None):
-    return CliRunner().invoke(app, list(args), env=env)
 
 
 def stop_ray_head(head: subprocess.Popen, temp_dir: Path) -> None:

@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 
-from retrikt_ray import baselines
 from retrikt_ray.config import JobSpec
 from retrikt_ray.pipeline import plan
 from retrikt_ray.retrieval_student import RetrievalStudent, ce_loss, encoder_fingerprint
@@ -31,6 +30,7 @@ def _load_benchmark(name: str):
     return module
 
 
+baselines = _load_benchmark("baselines")
 quality = _load_benchmark("quality")
 
 

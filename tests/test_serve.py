@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import requests
 import yaml
-from test_stages import reuse_shared_run, run_logged
+from helpers import reuse_shared_run, run_logged
 
 from retrikt_ray.config import ServeSpec, SpecError, TaskSpec
 from retrikt_ray.knowledge_store import KnowledgeStore

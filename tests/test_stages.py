@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import manifest, run_logged, tiny_spec
 from safetensors.torch import load_file
 
 from retrikt_ray import pipeline
@@ -17,72 +18,6 @@ from retrikt_ray.artifacts import STAGING_PREFIX, run_dir_for, staged, write_par
 from retrikt_ray.config import JobSpec
 from retrikt_ray.knowledge_store import KnowledgeStore
 from retrikt_ray.retrieval_student import RetrievalStudent, encoder_fingerprint
-
-SHARED_PREFIX = "shared-"  # the folder name of a copy of the shared run (reuse_shared_run)
-
-
-def tiny_spec(tiny_models, runs_dir, task="sst2", **changes) -> JobSpec:
-    spec = JobSpec.model_validate(
-        {
-            "name": f"tiny-{task}",
-            "task": {"name": task},
-            "data": {"shots": 4, "dev_limit": 24},
-            "teacher": {"model": tiny_models["teacher"], "classify_batch_size": 8},
-            "student": {
-                "model": tiny_models["student"],
-                "epochs": 2,
-                "batch_size": 8,
-                "gold_per_batch": 4,
-                "k": 4,
-                "lr": 1e-3,
-            },
-            "prompt": {"epochs": 3, "batch_size": 4, "lr": 0.05, "num_virtual_tokens": 4, "max_length": 48},
-            "ppo": {
-                "updates": 2,
-                "rollouts_per_update": 8,
-                "minibatch_size": 4,
-                "max_new_tokens": 12,
-                "eval_samples_per_label": 4,
-            },
-            "generate": {
-                "samples_per_label": 12,
-                "batch_size": 6,
-                "rows_per_task": 6,
-                "max_new_tokens": 16,
-                "min_words": 1,
-            },
-            "evaluate": {"latency_examples": 3},
-            "resources": {"cpus_per_worker": 1, "cpus_per_replica": 0.5},
-            "storage": {"runs_dir": str(runs_dir)},
-        }
-    )
-    for path, value in changes.items():
-        section, field = path.split("__")
-        setattr(getattr(spec, section), field, value)
-    return spec
-
-
-def reuse_shared_run(sst2_run, runs_dir, **storage) -> JobSpec:
-    """The shared tiny run's spec writing under `runs_dir` (and further `storage` fields), with that run
-    copied in beside it: stage hashes ignore storage, so the pipeline reuses every stage instead of
-    training again."""
-    spec, run_dir = sst2_run
-    copy = spec.model_copy(deep=True)
-    copy.storage.runs_dir = str(runs_dir)
-    for field, value in storage.items():
-        setattr(copy.storage, field, value)
-    shutil.copytree(run_dir, run_dir_for(copy).parent / f"{SHARED_PREFIX}{run_dir.name}")
-    return copy
-
-
-def run_logged(spec, **kwargs):
-    lines = []
-    run_dir = pipeline.run(spec, log=lines.append, **kwargs)
-    return run_dir, lines
-
-
-def manifest(run_dir, stage):
-    return json.loads((run_dir / stage / "manifest.json").read_text())
 
 
 def test_every_stage_writes_config_and_manifest(sst2_run):
@@ -317,19 +252,19 @@ def test_unlabelled_stage_labels_in_domain_texts_with_the_teachers_answer(sst2_r
 
 
 def test_annotation_resumes_from_the_chunks_it_saved(sst2_run, tmp_path, monkeypatch):
-    from retrikt_ray.stages import generate
+    from retrikt_ray import samples
     from retrikt_ray.tasks import Task
 
     spec, run_dir = sst2_run
-    monkeypatch.setattr(generate, "ANNOTATION_CHUNK", 2)
+    monkeypatch.setattr(samples, "ANNOTATION_CHUNK", 2)
     task, spec_json, shards = Task.from_spec(spec.task), spec.model_dump(mode="json"), tmp_path / "shards"
-    frame = generate.read_samples(run_dir / "generate")[["label", "text", "fields"]]
-    first, resumed = generate.annotate(spec, task, frame, spec_json, shards)
+    frame = samples.read_samples(run_dir / "generate")[["label", "text", "fields"]]
+    first, resumed = samples.annotate(spec, task, frame, spec_json, shards)
     saved = sorted(shards.glob("*.parquet"))
     assert resumed == 0 and len(saved) == -(-len(frame) // 2) > 1
     saved[0].unlink()  # as if the stage was interrupted before its first chunk was saved
     kept_times = {path.name: path.stat().st_mtime_ns for path in saved[1:]}
-    again, resumed = generate.annotate(spec, task, frame, spec_json, shards)
+    again, resumed = samples.annotate(spec, task, frame, spec_json, shards)
     assert resumed == len(saved) - 1 and saved[0].exists()
     assert {path.name: path.stat().st_mtime_ns for path in saved[1:]} == kept_times
     assert again["fields"].tolist() == first["fields"].tolist()
@@ -337,7 +272,7 @@ def test_annotation_resumes_from_the_chunks_it_saved(sst2_run, tmp_path, monkeyp
         assert np.allclose(np.stack(again[column].to_numpy()), np.stack(first[column].to_numpy()), atol=1e-5)
     changed = frame.copy()
     changed.loc[len(frame) - 1, "fields"] = json.dumps({"sentence": "a different last sentence"})
-    assert generate.annotate(spec, task, changed, spec_json, shards)[1] == len(saved) - 1  # its last chunk is new
+    assert samples.annotate(spec, task, changed, spec_json, shards)[1] == len(saved) - 1  # its last chunk is new
 
 
 def test_unlabelled_texts_skip_labelled_dev_repeated_and_short_ones_and_count_them(tiny_models, tmp_path):
@@ -450,12 +385,13 @@ def test_retrieval_is_gated_off_when_the_stores_soft_labels_do_not_label_the_lab
 
 
 def test_a_gated_student_is_trained_saved_and_evaluated_with_its_head_alone(ray_local, tiny_models, tmp_path):
-    from retrikt_ray.stages import evaluate, generate, store, student, unlabelled
+    from retrikt_ray.samples import SAMPLES
+    from retrikt_ray.stages import evaluate, store, student, unlabelled
 
     spec = tiny_spec(tiny_models, tmp_path, student__tau=0.01)
     run_dir = tmp_path / "run"
     (run_dir / "generate").mkdir(parents=True)
-    labelled_examples_as_samples(spec, flip=True).to_parquet(run_dir / "generate" / generate.SAMPLES)
+    labelled_examples_as_samples(spec, flip=True).to_parquet(run_dir / "generate" / SAMPLES)
     run_stages(spec, run_dir, (unlabelled, store, student, evaluate))
     trained = manifest(run_dir, "student")
     assert trained["metrics"]["retrieval_labelled"]["retrieval_accuracy"] == 0.0 and trained["metrics"]["lam"] == 0.0
@@ -474,14 +410,15 @@ def test_rank_lists_hold_each_row_once_and_never_padding():
 
 
 def test_a_student_ranking_store_lists_trains_on_a_nonzero_rank_loss(ray_local, tiny_models, tmp_path):
-    from retrikt_ray.stages import generate, store, student, unlabelled
+    from retrikt_ray.samples import SAMPLES
+    from retrikt_ray.stages import store, student, unlabelled
 
     spec = tiny_spec(
         tiny_models, tmp_path, student__rank_lists="store", student__rank_list_size=3, student__retrieval_gate=False
     )
     run_dir = tmp_path / "run"
     (run_dir / "generate").mkdir(parents=True)
-    labelled_examples_as_samples(spec, flip=False).to_parquet(run_dir / "generate" / generate.SAMPLES)
+    labelled_examples_as_samples(spec, flip=False).to_parquet(run_dir / "generate" / SAMPLES)
     run_stages(spec, run_dir, (unlabelled, store, student))
     history = manifest(run_dir, "student")["metrics"]["history"]
     assert len(history) == spec.student.epochs
@@ -511,7 +448,8 @@ def test_evaluate_stage_reports_metrics_in_range(sst2_run):
 def test_choice_task_stages(ray_local, tiny_models, tmp_path):
     """COPA through annotation, unlabelled texts, store, student and evaluation. A random tiny teacher cannot
     write parseable COPA examples, so the 'generated' samples here are real COPA training examples."""
-    from retrikt_ray.stages import evaluate, generate, store, student, unlabelled
+    from retrikt_ray.samples import SAMPLES, annotate
+    from retrikt_ray.stages import evaluate, store, student, unlabelled
     from retrikt_ray.tasks import Task
 
     spec = tiny_spec(tiny_models, tmp_path, task="copa", unlabelled__samples=6)
@@ -524,15 +462,15 @@ def test_choice_task_stages(ray_local, tiny_models, tmp_path):
             "fields": [json.dumps(e.fields) for e in examples],
         }
     )
-    annotated, _ = generate.annotate(spec, task, frame, spec.model_dump(mode="json"), tmp_path / "annotation_shards")
+    annotated, _ = annotate(spec, task, frame, spec.model_dump(mode="json"), tmp_path / "annotation_shards")
     assert np.allclose(np.stack(annotated["soft_label"].to_numpy()).sum(axis=1), 1, atol=1e-5)
     run_dir = tmp_path / "run"
     (run_dir / "generate").mkdir(parents=True)
-    annotated.to_parquet(run_dir / "generate" / generate.SAMPLES)
+    annotated.to_parquet(run_dir / "generate" / SAMPLES)
     run_stages(spec, run_dir, (unlabelled, store, student, evaluate))
     trained = KnowledgeStore.load(run_dir / "student" / "store")
     assert len(trained) == 2 * (len(examples) + 6)  # one row per alternative
-    texts = pd.read_parquet(run_dir / "unlabelled" / generate.SAMPLES)
+    texts = pd.read_parquet(run_dir / "unlabelled" / SAMPLES)
     assert texts["label"].tolist() == np.stack(texts["soft_label"].to_numpy()).argmax(axis=1).tolist()
     assert sorted(np.unique(trained.labels)) == [0, 1]
     metrics = manifest(run_dir, "evaluate")["metrics"]

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_jobs_api import cli
-from test_stages import reuse_shared_run, run_logged
+from helpers import cli, reuse_shared_run, run_logged
 
 from retrikt_ray.artifacts import read_manifest, run_dir_for, run_location
 from retrikt_ray.config import dump_spec

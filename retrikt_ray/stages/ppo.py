@@ -22,8 +22,8 @@ import torch
 
 from ..artifacts import StageResult, StageRun
 from ..config import TEACHER_CLASSIFIER, JobSpec
+from ..metrics import accuracy, clearly_above_majority, majority_share
 from ..tasks import load_few_shot
-from .evaluate import accuracy, clearly_above_majority, majority_share
 
 NAME = "ppo"
 INPUTS = ("prompt",)
@@ -265,7 +265,7 @@ def train_loop(config: dict) -> None:
 
     from ..retrieval_student import RetrievalStudent
     from ..rl import approx_kl, gae, policy_loss, token_rewards, value_loss, whiten
-    from ..teacher import Teacher, calibrate
+    from ..teacher import Teacher, calibrate, calibration_reference
     from ..training import Checkpoints, Optimiser, report_outputs, set_threads, worker_context, worker_spec
 
     spec = worker_spec(config)
@@ -277,9 +277,7 @@ def train_loop(config: dict) -> None:
     teacher = Teacher.from_spec(spec, task, device=device)
     encoder = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
     raw_labelled = teacher.classify_raw(few_shot, spec.teacher.classify_batch_size)
-    reference_mean = (
-        teacher.content_free_reference() if spec.teacher.calibration == "content_free" else raw_labelled.mean(axis=0)
-    )
+    reference_mean = calibration_reference(spec, raw_labelled, teacher)
     labelled = teacher_on_labelled(
         calibrate(raw_labelled, reference_mean), np.array([example.label for example in few_shot])
     )

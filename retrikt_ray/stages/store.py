@@ -13,8 +13,8 @@ import numpy as np
 
 from ..artifacts import StageResult, StageRun
 from ..config import JobSpec
+from ..samples import read_samples
 from ..tasks import Example, Task
-from .generate import read_samples
 
 NAME = "store"
 INPUTS = ("generate", "unlabelled")

@@ -20,8 +20,8 @@ import torch
 
 from ..artifacts import StageResult, StageRun
 from ..config import JobSpec
+from ..metrics import accuracy, clearly_above_majority, majority_share
 from ..tasks import Example, Task, load_few_shot
-from .evaluate import accuracy, clearly_above_majority, majority_share
 
 NAME = "student"
 INPUTS = ("store",)

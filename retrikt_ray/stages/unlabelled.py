@@ -24,8 +24,8 @@ import numpy as np
 
 from ..artifacts import StageResult, StageRun
 from ..config import JobSpec
+from ..samples import ANNOTATION_SHARDS, annotate, save_samples
 from ..tasks import Example, Task, data_files
-from .generate import ANNOTATION_SHARDS, annotate, save_samples
 
 NAME = "unlabelled"
 INPUTS = ()

@@ -11,6 +11,8 @@ or teacher, each returning task-level probabilities (n, num_labels) on the evalu
 The ZeroGen-style baseline (the student distilled on the generated data, without retrieval) is a
 pipeline run with `student.lam = 0` and `student.b = 0`; the teacher's calibrated zero-shot classifier
 is part of the evaluate stage.
+
+Used by the quality benchmark (benchmarks/quality.py) and its tests, not by the package.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import JobSpec
-from .retrieval_student import RetrievalStudent, ce_loss, example_probs
-from .tasks import Example, Task
+from retrikt_ray.config import JobSpec
+from retrikt_ray.retrieval_student import RetrievalStudent, ce_loss, example_probs
+from retrikt_ray.tasks import Example, Task
 
 
 class BaselineSettings(BaseModel):
@@ -128,7 +130,7 @@ def setfit_student(
     from datasets import Dataset
     from setfit import SetFitModel, Trainer, TrainingArguments
 
-    from .models import student_path
+    from retrikt_ray.models import student_path
 
     model = SetFitModel.from_pretrained(
         student_path(spec.student.model), trust_remote_code=spec.student.trust_remote_code

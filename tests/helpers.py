@@ -1,0 +1,82 @@
+"""Helpers the test files share (fixtures are in conftest.py): the tiny job spec, a copy of the shared tiny
+run to reuse, a logged pipeline run, a stage's manifest, and the real `retrikt` command in-process."""
+
+import json
+import shutil
+
+from typer.testing import CliRunner
+
+from retrikt_ray import pipeline
+from retrikt_ray.artifacts import run_dir_for
+from retrikt_ray.cli import app
+from retrikt_ray.config import JobSpec
+
+SHARED_PREFIX = "shared-"  # the folder name of a copy of the shared run (reuse_shared_run)
+
+
+def tiny_spec(tiny_models, runs_dir, task="sst2", **changes) -> JobSpec:
+    spec = JobSpec.model_validate(
+        {
+            "name": f"tiny-{task}",
+            "task": {"name": task},
+            "data": {"shots": 4, "dev_limit": 24},
+            "teacher": {"model": tiny_models["teacher"], "classify_batch_size": 8},
+            "student": {
+                "model": tiny_models["student"],
+                "epochs": 2,
+                "batch_size": 8,
+                "gold_per_batch": 4,
+                "k": 4,
+                "lr": 1e-3,
+            },
+            "prompt": {"epochs": 3, "batch_size": 4, "lr": 0.05, "num_virtual_tokens": 4, "max_length": 48},
+            "ppo": {
+                "updates": 2,
+                "rollouts_per_update": 8,
+                "minibatch_size": 4,
+                "max_new_tokens": 12,
+                "eval_samples_per_label": 4,
+            },
+            "generate": {
+                "samples_per_label": 12,
+                "batch_size": 6,
+                "rows_per_task": 6,
+                "max_new_tokens": 16,
+                "min_words": 1,
+            },
+            "evaluate": {"latency_examples": 3},
+            "resources": {"cpus_per_worker": 1, "cpus_per_replica": 0.5},
+            "storage": {"runs_dir": str(runs_dir)},
+        }
+    )
+    for path, value in changes.items():
+        section, field = path.split("__")
+        setattr(getattr(spec, section), field, value)
+    return spec
+
+
+def reuse_shared_run(sst2_run, runs_dir, **storage) -> JobSpec:
+    """The shared tiny run's spec writing under `runs_dir` (and further `storage` fields), with that run
+    copied in beside it: stage hashes ignore storage, so the pipeline reuses every stage instead of
+    training again."""
+    spec, run_dir = sst2_run
+    copy = spec.model_copy(deep=True)
+    copy.storage.runs_dir = str(runs_dir)
+    for field, value in storage.items():
+        setattr(copy.storage, field, value)
+    shutil.copytree(run_dir, run_dir_for(copy).parent / f"{SHARED_PREFIX}{run_dir.name}")
+    return copy
+
+
+def run_logged(spec, **kwargs):
+    lines = []
+    run_dir = pipeline.run(spec, log=lines.append, **kwargs)
+    return run_dir, lines
+
+
+def manifest(run_dir, stage):
+    return json.loads((run_dir / stage / "manifest.json").read_text())
+
+
+def cli(*args, env=None):
+    return CliRunner().invoke(app, list(args), env=env)
