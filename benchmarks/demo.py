@@ -64,6 +64,8 @@ def main() -> None:
         }
         if ppo.get("history")
         else None,
+        "student_lam": manifests["student"]["metrics"].get("lam"),
+        "retrieval_labelled": manifests["student"]["metrics"].get("retrieval_labelled"),
         "seconds_per_stage": {name: manifests[name]["seconds"] for name in STAGE_NAMES},
         "wall_seconds": round(wall, 1) if wall is not None else None,
         "parameters": {
@@ -107,6 +109,15 @@ def markdown(results: dict) -> str:
                 f"{results['student_store_agrees_with_teacher']:.1%} of the dev examples."
             ]
             if results.get("student_store_agrees_with_teacher") is not None
+            else []
+        ),
+        *(
+            [
+                "The student stage's retrieval gate set lam to 0 (the store's soft labels, retrieved by the untrained"
+                " student, labelled the labelled examples no better than the majority label): student + store"
+                " predicts with its head alone in this run."
+            ]
+            if results.get("student_lam") == 0
             else []
         ),
         "",

@@ -559,10 +559,7 @@ def markdown(results: dict) -> str:
         "",
         "| headline | value |",
         "|---|---|",
-        *[
-            f"| {key} | {value:.3g} |" if isinstance(value, float) else f"| {key} | {value} |"
-            for key, value in top.items()
-        ],
+        *[f"| {key} | {headline_cell(value)} |" for key, value in top.items()],
         "",
         "## Bounds",
         "",
@@ -649,7 +646,15 @@ def markdown(results: dict) -> str:
                 for name, row in results["demo"].items()
             ],
         ]
+    if results.get("notes"):  # what the person who ran it saw and wrote down (--note)
+        lines += ["", "## Notes", "", *[f"- {note}" for note in results["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+def headline_cell(value) -> str:
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def precision_cell(precision: dict | None) -> str:
@@ -709,6 +714,7 @@ def main() -> None:
             results[name] = measure()
             partial.write_text(json.dumps(results, indent=2, default=str) + "\n")
     results["headline"] = headline(results)
+    results["notes"] = args.note
     results = {**results["headline"], **results}
     out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     out.with_suffix(".md").write_text(markdown(results))
