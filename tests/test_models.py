@@ -10,7 +10,7 @@ from retrikt_ray.models import ModelNotFound, check_model_name, load_encoder, lo
 CACHE = Path("~/.cache/retrikt")
 
 
-def test_converted_teacher_matches_the_gguf_and_is_trainable():
+def test_converted_teacher_matches_the_gguf_and_is_trainable(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from retrikt_ray.models import PACKAGED_TEACHERS, _package_folder
@@ -23,7 +23,27 @@ def test_converted_teacher_matches_the_gguf_and_is_trainable():
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, quantized(ids).logits, atol=1e-4)
     assert (Path(teacher_path("smollm2-135m-instruct", CACHE)) / "model.safetensors").is_file()
-    assert not any(parameter.requires_grad for parameter in model.parameters())  # frozen teacher
+    assert not any(parameter.requires_grad for parameter in model.parameters())  # load_teacher freezes it
+    # What the GGUF model cannot do: once unfrozen, an optimizer step moves weights and lowers the loss, and the
+    # trained model saves and loads back with those weights.
+    model.train()
+    model.requires_grad_(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert all(parameter.grad is not None for parameter in model.parameters())
+    before = model.model.norm.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(model.model.norm.weight, before)
+    model.eval()
+    with torch.no_grad():
+        trained_logits = model(ids).logits
+        assert model(ids, labels=ids).loss < loss
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, trained_logits, atol=1e-5)
 
 
 def test_packaged_student_loads():

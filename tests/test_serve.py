@@ -20,6 +20,7 @@ from helpers import reuse_shared_run, run_logged
 
 from retrikt_ray.config import ServeSpec, SpecError, TaskSpec
 from retrikt_ray.knowledge_store import KnowledgeStore
+from retrikt_ray.retrieval_student import RetrievalStudent
 from retrikt_ray.serve import (
     APP_NAME,
     INGRESS,
@@ -127,9 +128,16 @@ def test_predict_locally_equals_evaluation(served):
 def test_neighbors_are_the_retrieved_store_rows(served):
     spec, run_dir, url, _ = served
     store = KnowledgeStore.load(store_folder(run_dir))
-    answer = post(url, {"inputs": ["a warm and funny film", "dull and far too long"], "return_neighbors": True})
+    texts = ["a warm and funny film", "dull and far too long"]
+    answer = post(url, {"inputs": texts, "return_neighbors": True})
     assert answer.status_code == 200, answer.text
-    for result in answer.json()["results"]:
+    # The nearest keys, found here by brute force: the run's student embeds each text as serving does and every
+    # store key is scored by cosine (keys and embeddings are L2-normalised).
+    student = RetrievalStudent.load(run_dir / "student" / "model")
+    task = Task.from_spec(spec.task)
+    queries = student.embed_all([task.student_inputs(example)[0] for example in parse_inputs(task, texts)])
+    cosines = queries @ store.keys.T
+    for result, scores in zip(answer.json()["results"], cosines):
         rows = result["neighbors"]
         assert len(rows) == spec.student.k
         assert sum(row["weight"] for row in rows) == pytest.approx(1.0, abs=1e-5)
@@ -137,6 +145,16 @@ def test_neighbors_are_the_retrieved_store_rows(served):
             assert row["text"] == store.inputs[row["id"]][0]
             assert row["label"] == store.labels[row["id"]]
             assert np.allclose(row["soft_label"], store.soft_labels[row["id"]])
+        ids = [row["id"] for row in rows]
+        assert len(set(ids)) == len(ids)
+        nearest = np.argsort(-scores, kind="stable")
+        # Best first, with the k best cosines in the store; equal keys (a repeated store input) may come in
+        # either order, so the ids must be the nearest ones exactly only where no two cosines tie.
+        assert np.allclose(scores[ids], scores[nearest[: len(ids)]], atol=1e-5)
+        if np.all(np.diff(-scores[nearest[: len(ids) + 1]]) > 1e-5):
+            assert ids == nearest[: len(ids)].tolist()
+        expected_weights = np.exp((scores[ids] - scores[ids].max()) / student.tau)
+        assert np.allclose([row["weight"] for row in rows], expected_weights / expected_weights.sum(), atol=1e-4)
     assert "neighbors" not in post(url, {"inputs": ["a film"]}).json()["results"][0]
 
 

@@ -5,6 +5,7 @@ check a choice task (COPA), skipping, partial re-runs, reuse and generation resu
 """
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -440,6 +441,29 @@ def test_evaluate_stage_reports_metrics_in_range(sst2_run):
     assert metrics["ms_per_example_student_store"] > 0
     predictions = pd.read_parquet(run_dir / "evaluate" / "predictions.parquet")
     assert len(predictions) == 24
+    # Every reported accuracy is the one the written predictions give against the written gold labels.
+    from retrikt_ray.retrieval_student import predict_examples
+    from retrikt_ray.tasks import load_dev
+
+    task, dev = load_dev(spec)
+    gold = predictions["gold"].to_numpy()
+    assert gold.tolist() == [example.label for example in dev]
+    p, p_head = np.stack(predictions["p"]), np.stack(predictions["p_head"])
+    assert predictions["predicted"].tolist() == p.argmax(axis=1).tolist()
+    assert metrics["accuracy_student_store"] == pytest.approx((p.argmax(axis=1) == gold).mean())
+    assert metrics["accuracy_student_head"] == pytest.approx((p_head.argmax(axis=1) == gold).mean())
+    assert metrics["accuracy_teacher_zero_shot"] == pytest.approx(
+        (np.stack(predictions["p_teacher"]).argmax(axis=1) == gold).mean()
+    )
+    # The file holds no p_ret: predict again with the saved student and store, check that this gives the file's
+    # p and p_head, and take the retrieval-only accuracy from its p_ret.
+    student = RetrievalStudent.load(run_dir / "student" / "model")
+    again = predict_examples(
+        task, student, KnowledgeStore.load(run_dir / "student" / "store"), dev, spec.evaluate.batch_size
+    )
+    assert np.allclose(again["p"], p, atol=1e-5) and np.allclose(again["p_head"], p_head, atol=1e-5)
+    assert np.allclose(student.lam * again["p_ret"] + (1 - student.lam) * p_head, p, atol=1e-5)
+    assert metrics["accuracy_retrieval_only"] == pytest.approx((again["p_ret"].argmax(axis=1) == gold).mean())
     same_answer = np.stack(predictions["p_teacher"]).argmax(axis=1) == np.stack(predictions["p"]).argmax(axis=1)
     assert metrics["agreement_student_teacher"] == pytest.approx(same_answer.mean())
     assert f"student agrees on {same_answer.mean():.1%}" in manifest(run_dir, "evaluate")["summary"]
@@ -523,14 +547,20 @@ def test_a_write_that_fails_leaves_neither_the_file_nor_its_staging_copy(tmp_pat
 
 def test_force_redoes_a_finished_stage(sst2_run):
     spec, run_dir = sst2_run
-    before = manifest(run_dir, "store")["finished_at"]
+    before = manifest(run_dir, "store")
+    # finished_at has one-second resolution: date every file of the finished stage back to 2001, so that
+    # each one the rerun rewrites is unmistakably newer and one it leaves alone is not.
+    long_ago = 1_000_000_000
+    written = [run_dir / "store" / name for name in [*before["files"], "manifest.json"]]
+    for path in written:
+        os.utime(path, (long_ago, long_ago))
     _, lines = run_logged(spec, only="store", force=True)
     assert len(lines) == 1 and "skipped" not in lines[0] and "reused" not in lines[0]
-    assert (
-        manifest(run_dir, "store")["stage_hash"]
-        == {stage.name: stage.stage_hash for stage in pipeline.plan(spec, run_dir)}["store"]
-    )
-    assert before <= manifest(run_dir, "store")["finished_at"]
+    after = manifest(run_dir, "store")
+    assert after["stage_hash"] == {stage.name: stage.stage_hash for stage in pipeline.plan(spec, run_dir)}["store"]
+    assert after["files"] == before["files"]
+    assert {path.name: path.stat().st_mtime > long_ago for path in written} == {path.name: True for path in written}
+    assert before["finished_at"] <= after["finished_at"]
 
 
 def tiny_reward_model(spec: JobSpec):
