@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from contextlib import contextmanager
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,23 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .knowledge_store import KnowledgeStore
+from .packed_encoder import PackedBert
+from .packed_encoder import supports as packed_supports
 
 PROB_FLOOR = 1e-8
+# Embeddings searched in the store per FAISS call (and per retrieval forward) when predicting.
+SEARCH_BATCH = 1024
+
+
+def compute_dtype(requested: str, device: torch.device | str) -> torch.dtype:
+    """`student.dtype` -> the student's compute dtype: a named one, or for `auto` bfloat16 where the hardware
+    has bf16 matmuls (engine.hardware_class) and float32 elsewhere."""
+    from .engine import hardware_class
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    bf16 = hardware_class(torch.device(device)) in ("cuda-bf16", "cpu-amx", "cpu-avx512-bf16")
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
@@ -49,6 +65,7 @@ class RetrievalStudent(torch.nn.Module):
         tau: float = 0.05,
         lam: float = 0.5,
         max_length: int = 64,
+        dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
         self.encoder = encoder
@@ -58,15 +75,23 @@ class RetrievalStudent(torch.nn.Module):
         self.tau = tau
         self.lam = lam
         self.max_length = max_length
+        self.dtype = dtype
+        # The encoder's weights in `dtype` for encoding without gradient, with the parameters' (id, version)
+        # they were copied from. A plain dict, so that the copy is not registered as a submodule.
+        self._inference_copy: dict = {}
 
     @classmethod
-    def from_spec(cls, student_spec, num_labels: int) -> RetrievalStudent:
-        """An untrained student: the spec's encoder (pretrained weights) and a fresh head."""
+    def from_spec(cls, student_spec, num_labels: int, dtype: str | None = None) -> RetrievalStudent:
+        """An untrained student: the spec's encoder (pretrained weights) and a fresh head, computing in
+        `dtype` (default `student.dtype`). The stages before the student's embed in float32 (their
+        embeddings decide which samples are kept and PPO's diversity bonus), so that their results depend
+        neither on `student.dtype` nor on the hardware's bf16 units."""
         from .models import load_encoder
 
         encoder, tokenizer = load_encoder(student_spec.model, student_spec.trust_remote_code)
         s = student_spec
-        return cls(encoder, tokenizer, num_labels, s.k, s.tau, s.lam, s.max_length)
+        dtype = compute_dtype(dtype or s.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+        return cls(encoder, tokenizer, num_labels, s.k, s.tau, s.lam, s.max_length, dtype)
 
     @property
     def device(self) -> torch.device:
@@ -78,10 +103,11 @@ class RetrievalStudent(torch.nn.Module):
 
     # --------------------------------------------------------------------------------- encoding
     def encode(self, inputs: list[tuple[str, str | None]]) -> torch.Tensor:
-        """L2-normalised mean-pooled embeddings (B, hidden); gradient flows unless disabled by the caller.
+        """L2-normalised mean-pooled float32 embeddings (B, hidden) with gradient: the training path.
 
-        Pairs and single texts are tokenized separately (a tokenizer takes either a list of pairs or
-        no second texts), then put back in input order.
+        The matmuls run under autocast in the student's dtype (the weights stay float32). Pairs and single
+        texts are tokenized separately (a tokenizer takes either a list of pairs or no second texts), then
+        put back in input order.
         """
         singles = [i for i, (_, text_b) in enumerate(inputs) if text_b is None]
         pairs = [i for i, (_, text_b) in enumerate(inputs) if text_b is not None]
@@ -90,27 +116,81 @@ class RetrievalStudent(torch.nn.Module):
             if rows:
                 text_a = [inputs[i][0] for i in rows]
                 text_b = [inputs[i][1] for i in rows] if with_pairs else None
-                z = z.index_copy(0, torch.tensor(rows, device=self.device), self._encode_texts(text_a, text_b))
+                batch = self.tokenizer(
+                    text_a, text_b, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                ).to(self.device)
+                autocast = self.dtype != torch.float32 and self._weights_dtype() == torch.float32
+                with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
+                    pooled = self._pooled(self.encoder, batch)
+                z = z.index_copy(0, torch.tensor(rows, device=self.device), pooled)
         return z
 
-    def _encode_texts(self, text_a: list[str], text_b: list[str] | None) -> torch.Tensor:
-        batch = self.tokenizer(
-            text_a, text_b, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.device)
-        hidden = self.encoder(**batch).last_hidden_state.float()
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
-        return F.normalize(pooled, dim=-1)
+    def embed(self, inputs: list[tuple[str, str | None]], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """The fast path: embeddings of all inputs (N, hidden) float32 as `encode` gives them, without
+        gradient, in eval mode: the encoder's weights in the student's dtype, inputs of similar length
+        batched together, and for a BERT the packed forward (no padding outside attention)."""
+        features = self._tokenize(inputs)
+        order = np.argsort([len(feature["input_ids"]) for feature in features], kind="stable")
+        z = torch.zeros(len(inputs), self.encoder.config.hidden_size, device=self.device)
+        with _eval_mode(self), torch.no_grad():
+            inference = self._inference_state()
+            for start in tqdm(range(0, len(inputs), batch_size), desc="embed", disable=not progress):
+                rows = order[start : start + batch_size]
+                if inference["packed"] is not None:
+                    pooled = inference["packed"].embed([features[i] for i in rows], self.device)
+                else:
+                    batch = self.tokenizer.pad([features[i] for i in rows], return_tensors="pt").to(self.device)
+                    pooled = self._pooled(inference["encoder"], batch)
+                z[torch.from_numpy(rows).to(self.device)] = pooled
+        return z
 
     def embed_all(
         self, inputs: list[tuple[str, str | None]], batch_size: int = 64, progress: bool = False
     ) -> np.ndarray:
-        """Embeddings of all inputs as float32 (N, hidden), without gradient, in eval mode."""
-        chunks = [np.zeros((0, self.encoder.config.hidden_size), dtype=np.float32)]
-        with _eval_mode(self), torch.no_grad():
-            for start in tqdm(range(0, len(inputs), batch_size), desc="embed", disable=not progress):
-                chunks.append(self.encode(inputs[start : start + batch_size]).cpu().numpy())
-        return np.concatenate(chunks).astype(np.float32)
+        """`embed` as a float32 numpy array (N, hidden)."""
+        return self.embed(inputs, batch_size, progress).cpu().numpy().astype(np.float32, copy=False)
+
+    def _tokenize(self, inputs: list[tuple[str, str | None]]) -> list[dict]:
+        """Each input's token ids (truncated, unpadded), in input order; singles and pairs tokenized apart."""
+        features: list[dict] = [{}] * len(inputs)
+        for with_pairs in (False, True):
+            rows = [i for i, (_, text_b) in enumerate(inputs) if (text_b is not None) == with_pairs]
+            if rows:
+                text_a = [inputs[i][0] for i in rows]
+                text_b = [inputs[i][1] for i in rows] if with_pairs else None
+                encoded = self.tokenizer(text_a, text_b, truncation=True, max_length=self.max_length)
+                for position, row in enumerate(rows):
+                    features[row] = {name: values[position] for name, values in encoded.items()}
+        return features
+
+    @staticmethod
+    def _pooled(encoder, batch) -> torch.Tensor:
+        hidden = encoder(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+        return F.normalize(pooled, dim=-1)
+
+    def _weights_dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
+    def _inference_encoder(self) -> torch.nn.Module:
+        """The encoder with its weights in the student's dtype (the encoder itself when they already are)."""
+        return self._inference_state()["encoder"]
+
+    def _inference_state(self) -> dict:
+        """The encoder in the compute dtype and, for a BERT, its packed forward (packed_encoder.py): the
+        encoder itself or a copy, made again whenever a parameter has changed since (an optimiser step bumps
+        versions)."""
+        state = tuple((id(parameter), parameter._version) for parameter in self.encoder.parameters())
+        if self._inference_copy.get("state") != state:
+            self._inference_copy.clear()  # free the old copy before making the new one
+            encoder = self.encoder
+            if self._weights_dtype() != self.dtype:
+                encoder = deepcopy(self.encoder).to(self.dtype).eval()
+                encoder.requires_grad_(False)
+            packed = PackedBert(encoder) if packed_supports(encoder) else None
+            self._inference_copy.update(state=state, encoder=encoder, packed=packed)
+        return self._inference_copy
 
     # ------------------------------------------------------------------------------- prediction
     def head_probs(self, z: torch.Tensor) -> torch.Tensor:
@@ -146,9 +226,10 @@ class RetrievalStudent(torch.nn.Module):
     ) -> dict[str, np.ndarray]:
         """p, p_ret and p_head (each (N, C) float32) for all inputs, without gradient, in eval mode."""
         parts = {name: [np.zeros((0, self.num_labels), dtype=np.float32)] for name in ("p", "p_ret", "p_head")}
+        z = self.embed(inputs, batch_size)
         with _eval_mode(self), torch.no_grad():
-            for start in range(0, len(inputs), batch_size):
-                out = self(self.encode(inputs[start : start + batch_size]), store)
+            for start in range(0, len(inputs), SEARCH_BATCH):
+                out = self(z[start : start + SEARCH_BATCH], store)
                 for name, chunks in parts.items():
                     chunks.append(out[name].float().cpu().numpy())
         return {name: np.concatenate(chunks) for name, chunks in parts.items()}
@@ -172,15 +253,15 @@ class RetrievalStudent(torch.nn.Module):
         (folder / "student.json").write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
-    def load(cls, folder, trust_remote_code: bool = False) -> RetrievalStudent:
-        """A saved student, on the CPU."""
+    def load(cls, folder, trust_remote_code: bool = False, dtype: str = "float32") -> RetrievalStudent:
+        """A saved student, on the CPU, computing in `dtype` (`student.dtype`: a name or auto)."""
         from transformers import AutoModel, AutoTokenizer
 
         folder = Path(folder)
         config = json.loads((folder / "student.json").read_text())
         encoder = AutoModel.from_pretrained(folder / "encoder", trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(folder / "encoder", trust_remote_code=trust_remote_code)
-        student = cls(encoder, tokenizer, **config)
+        student = cls(encoder, tokenizer, **config, dtype=compute_dtype(dtype, "cpu"))
         student.head.load_state_dict(load_file(folder / "student.safetensors"))
         return student
 
@@ -309,11 +390,10 @@ def predict_neighbors(
     rows = [task.student_inputs(example) for example in examples]
     flat = [row for example_rows in rows for row in example_rows]
     ids, weights = [np.zeros((0, student.k), dtype=np.int64)], [np.zeros((0, student.k), dtype=np.float32)]
+    z = student.embed(flat, batch_size)
     with _eval_mode(student), torch.no_grad():
-        for start in range(0, len(flat), batch_size):
-            _, batch_weights, batch_ids = student.retrieval_probs(
-                student.encode(flat[start : start + batch_size]), store
-            )
+        for start in range(0, len(flat), SEARCH_BATCH):
+            _, batch_weights, batch_ids = student.retrieval_probs(z[start : start + SEARCH_BATCH], store)
             ids.append(batch_ids.cpu().numpy())
             weights.append(batch_weights.float().cpu().numpy())
     ids, weights = np.concatenate(ids), np.concatenate(weights)

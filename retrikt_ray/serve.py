@@ -99,7 +99,10 @@ class Predictor:
     def load(cls, run_dir) -> "Predictor":
         """The run's student and store, predicting in batches of evaluate.batch_size like evaluation."""
         spec = load_run_spec(run_dir)
-        student = RetrievalStudent.load(Path(run_dir) / "student" / "model", spec.student.trust_remote_code)
+        student = RetrievalStudent.load(
+            Path(run_dir) / "student" / "model", spec.student.trust_remote_code, spec.student.dtype
+        )
+        student.embed([("warm-up", None)])  # makes the weights' copy in the compute dtype before the first request
         return cls(
             Task.from_spec(spec.task), student, KnowledgeStore.load(store_folder(run_dir)), spec.evaluate.batch_size
         )

@@ -443,3 +443,123 @@ def test_kd_training_reduces_loss_and_changes_fingerprint(tokenizer):
         last = loss()
     assert last.item() < first.item()
     assert encoder_fingerprint(student.encoder) != fingerprint
+
+
+# ------------------------------------------------------------------------------ the fast path
+def test_compute_dtype_auto_follows_the_hardware(monkeypatch):
+    from retrikt_ray import engine
+    from retrikt_ray.retrieval_student import compute_dtype
+
+    assert compute_dtype("float32", "cpu") == torch.float32
+    assert compute_dtype("bfloat16", "cpu") == torch.bfloat16
+    monkeypatch.setattr(engine, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert compute_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(engine, "cpu_flags", lambda: {"amx_bf16", "amx_tile"})
+    assert compute_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(engine, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert compute_dtype("auto", "cpu") == torch.float32
+    assert compute_dtype("float32", "cpu") == torch.float32
+
+
+def test_the_bf16_copy_follows_every_optimiser_step(tokenizer):
+    student = tiny_student(tokenizer, dtype=torch.bfloat16)
+    before = student.embed(TEXTS)
+    assert next(student.encoder.parameters()).dtype == torch.float32  # the trained weights stay float32
+    assert all(p.dtype == torch.bfloat16 for p in student._inference_encoder().parameters())
+    optimiser = torch.optim.SGD(student.encoder.parameters(), lr=1.0)
+    student.encode(TEXTS).sum().backward()
+    optimiser.step()
+    after = student.embed(TEXTS)
+    fresh = RetrievalStudent(student.encoder, tokenizer, num_labels=3, k=4, max_length=32, dtype=torch.bfloat16)
+    assert not torch.allclose(after, before, atol=1e-3)
+    torch.testing.assert_close(after, fresh.embed(TEXTS), atol=0, rtol=0)
+    assert "_inference_copy" not in dict(student.named_modules())  # never a submodule: not saved, not trained
+    assert len(list(student.parameters())) == len(list(fresh.parameters()))
+
+
+def test_training_encode_runs_under_autocast_with_float32_gradients(tokenizer):
+    reference = tiny_student(tokenizer)
+    fast = tiny_student(tokenizer, dtype=torch.bfloat16)
+    z_fast, z_ref = fast.encode(TEXTS), reference.encode(TEXTS)
+    assert z_fast.dtype == torch.float32
+    torch.testing.assert_close(z_fast, z_ref, atol=0.03, rtol=0)
+    assert not torch.equal(z_fast, z_ref)  # bf16 matmuls did run
+    z_fast.sum().backward()
+    grads = [p.grad for p in fast.encoder.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 for g in grads)
+
+
+def test_fast_path_predicts_as_float32_on_the_packaged_student():
+    """The packaged student on 300 SST-2 dev sentences, its store 256 train sentences: bf16 weights and
+    length-sorted batches against the float32 path, row by row (the tolerance docs/serving.md states)."""
+    import pandas as pd
+
+    from retrikt_ray.config import StudentSpec, TaskSpec
+    from retrikt_ray.tasks import Task
+
+    train_file, dev_file = Task.from_spec(TaskSpec(name="sst2")).default_files()
+    dev = pd.read_csv(dev_file, sep="\t").head(300)
+    train = pd.read_csv(train_file, sep="\t").sample(256, random_state=0)
+    torch.manual_seed(0)
+    reference = RetrievalStudent.from_spec(StudentSpec(dtype="float32"), 2)
+    fast = RetrievalStudent.from_spec(StudentSpec(dtype="bfloat16"), 2)
+    fast.load_state_dict(reference.state_dict())
+    inputs = [(text, None) for text in train["sentence"]]
+    store = KnowledgeStore(
+        inputs=inputs,
+        labels=train["label"].to_numpy(),
+        soft_labels=np.eye(2, dtype=np.float32)[train["label"].to_numpy()] * 0.8 + 0.1,
+        keys=reference.embed_all(inputs),
+        teacher_states=None,
+        encoder_fingerprint=encoder_fingerprint(reference.encoder),
+    )
+    queries = [(text, None) for text in dev["sentence"]]
+    expected, got = reference.predict(queries, store), fast.predict(queries, store)
+    for name in ("p", "p_ret", "p_head"):
+        assert np.abs(got[name] - expected[name]).max() <= FAST_PATH_TOLERANCE, name
+    assert (got["p"].argmax(1) == expected["p"].argmax(1)).mean() >= 0.98
+    # sorted batches of the float32 path equal one-by-one encoding
+    unsorted = torch.cat([reference.encode(queries[i : i + 64]).detach() for i in range(0, 128, 64)])
+    torch.testing.assert_close(reference.embed(queries[:128]), unsorted, atol=1e-5, rtol=0)
+
+
+# Largest difference of a probability between the bf16 fast path and the float32 path (docs/serving.md).
+FAST_PATH_TOLERANCE = 0.05
+
+
+def test_the_packed_forward_equals_hf_on_pairs_and_singles(tokenizer):
+    """packed_encoder: HF's padded forward, mean-pooled, equals the packed one (pairs carry token types)."""
+    from retrikt_ray.packed_encoder import PackedBert, supports
+
+    student = tiny_student(tokenizer)
+    assert supports(student.encoder)
+    student.eval()
+    features = student._tokenize(TEXTS)
+    batch = tokenizer.pad(features, return_tensors="pt")
+    with torch.no_grad():
+        expected = student._pooled(student.encoder, batch)
+    got = PackedBert(student.encoder).embed(features, torch.device("cpu"))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(student.embed(TEXTS, batch_size=5), student.encode(TEXTS).detach(), atol=1e-5, rtol=0)
+
+
+def test_encoders_the_packed_forward_does_not_reproduce_use_hf(tokenizer):
+    from transformers import BertConfig, BertModel
+
+    from retrikt_ray.packed_encoder import supports
+
+    relative = BertModel(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            position_embedding_type="relative_key",
+        )
+    )
+    assert not supports(relative)
+    student = RetrievalStudent(relative, tokenizer, num_labels=3, k=4, max_length=32)
+    assert student._inference_state()["packed"] is None
+    student.eval()
+    torch.testing.assert_close(student.embed(TEXTS, batch_size=5), student.encode(TEXTS).detach(), atol=1e-5, rtol=0)
