@@ -469,7 +469,7 @@ def demo(log, before_ref: str | None, runs_dir: Path) -> dict:
             ]
             started = time.perf_counter()
             subprocess.run(command, cwd=worktree, env={**os.environ, "PYTHONPATH": str(worktree)}, check=True)
-            (run_dir,) = [path for path in runs.iterdir() if path.is_dir()]
+            (run_dir,) = [path for path in runs.iterdir() if (path / "job.yaml").is_file()]  # not mlflow/
             out["before"] = demo_row(log, "before", before_ref, run_dir, time.perf_counter() - started)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=REPO, capture_output=True)

@@ -182,10 +182,12 @@ class StageRun:
         return manifest
 
 
-def stage_hash(spec: JobSpec, config_keys: tuple[str, ...], input_hashes: dict[str, str], files: list[str]) -> str:
+def stage_hash(config: dict[str, Any], input_hashes: dict[str, str], files: list[str | os.PathLike]) -> str:
+    """A stage's hash: the config it reads less what changes no result (stage_contract.Stage.hashed_config), its
+    inputs' hashes and the bytes of its data files."""
     return content_hash(
         {
-            "config": spec.section_hash(*config_keys),
+            "config": content_hash(config),
             "inputs": input_hashes,
             "files": {Path(path).name: file_digest(path) for path in files},
         }

@@ -19,9 +19,18 @@ app = typer.Typer(
 )
 
 DEFAULT_JOB = Path("jobs/demo.yaml")
+RUN_LOG = "run.log"  # in the run directory: what the console leaves out (console.py)
+TUNE_LOG = "tune.log"  # in the sweep's folder
 
 JobArg = Annotated[Path | None, typer.Argument(help="Job spec YAML (default: jobs/demo.yaml)")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="Override a field: section.field=value (repeatable)")]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        help="Also show Ray's, DeepSpeed's and the libraries' own output (else kept in a log file that the run names)",
+    ),
+]
 RunDirArg = Annotated[
     str, typer.Argument(help="A finished run directory (runs/<job>-<hash>), or its URI (s3://..., file://...)")
 ]
@@ -65,6 +74,7 @@ def run(
     set_: SetOpt = [],  # noqa: B006 typer's list default, never mutated
     stage: Annotated[str | None, typer.Option(help="Run only this stage (its inputs must be finished)")] = None,
     force: Annotated[bool, typer.Option(help="Redo stages even if finished")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run the pipeline on a local in-process Ray (or resources.address); finished stages are skipped."""
     from .pipeline import run as run_pipeline
@@ -72,13 +82,17 @@ def run(
 
     spec = _load(job, set_)
     typer.echo(validate_spec(spec))
-    from .artifacts import is_uri, run_location
+    from .artifacts import is_uri, run_dir_for, run_location
+    from .console import quiet
 
-    run_dir = run_pipeline(spec, only=stage, force=force, log=typer.echo)
+    with quiet(run_dir_for(spec) / RUN_LOG, verbose, "retrikt run") as output:
+        _say_where_the_log_is(output)
+        run_dir = run_pipeline(spec, only=stage, force=force, log=output.echo)
     typer.echo(
         f"run directory: {run_dir}" + (f" (kept at {run_location(spec)})" if is_uri(spec.storage.runs_dir) else "")
     )
     _print_table(run_dir)
+    _say_where_it_is_tracked(spec)
 
 
 @app.command()
@@ -111,7 +125,7 @@ def serve(
         bool, typer.Option("--reload-store", help="Make the running server load its store again, and exit")
     ] = False,
 ) -> None:
-    """Serve a run's student + store over HTTP on Ray Serve until Ctrl-C (API: README, /openapi.json)."""
+    """Serve a run's student + store over HTTP on Ray Serve until Ctrl-C (API: docs/serving.md, /openapi.json)."""
     import yaml
 
     from . import serve as serving
@@ -253,15 +267,20 @@ def tune(
         Path, typer.Option(help="Sweep file: metric, search space, search, scheduler (jobs/sweeps/)")
     ] = ...,
     set_: SetOpt = [],  # noqa: B006 typer's list default, never mutated
+    verbose: VerboseOpt = False,
 ) -> None:
     """Sweep job fields with Ray Tune; writes a results table, a plot and the best trial as a job spec."""
     from . import tune as tuning
+    from .console import quiet
     from .pipeline import validate as validate_spec
 
     spec = _load(job, set_)
     settings = tuning.load_sweep(sweep)
     typer.echo(validate_spec(spec))
-    outcome = tuning.tune_job(spec, settings, log=typer.echo)
+    folder = tuning.sweep_dir_for(tuning.sweep_job(spec, settings), settings)
+    with quiet(folder / TUNE_LOG, verbose, "retrikt tune") as output:
+        _say_where_the_log_is(output)
+        outcome = tuning.tune_job(spec, settings, log=output.echo)
     typer.echo((outcome["dir"] / "results.md").read_text())
     if outcome["best"] is None:
         typer.echo(f"error: no trial finished; see {outcome['dir']}", err=True)
@@ -270,6 +289,20 @@ def tune(
         f"best: {settings.metric} {outcome['best'][settings.metric]:.4f}, {outcome['dir'] / 'best.yaml'} "
         f"({outcome['best']['run_dir']})"
     )
+    _say_where_it_is_tracked(tuning.sweep_job(spec, settings))
+
+
+def _say_where_the_log_is(output) -> None:
+    if output.log_path is not None:
+        output.echo(f"log: {output.log_path} (Ray's, DeepSpeed's and the libraries' own output; --verbose shows it)")
+
+
+def _say_where_it_is_tracked(spec) -> None:
+    from .tracking import where
+
+    line = where(spec)
+    if line is not None:
+        typer.echo(line)
 
 
 def _follow(job_id: str, address: str | None, token_file: Path | None) -> None:

@@ -109,8 +109,6 @@ class TeacherSpec(Section):
     classify_batch_size: int = Field(32, ge=1, description="Texts per teacher forward when classifying")
 
 
-# The stages whose optimisation runs in Ray Train workers under DeepSpeed.
-TRAINING_STAGES = ("prompt", "ppo", "student")
 # The teacher fields that define its classifier p_C (what PPO's reward and evaluation depend on).
 TEACHER_CLASSIFIER = (
     "teacher.model",
@@ -318,6 +316,12 @@ class StudentSpec(DeepSpeedOption):
     model: str = Field("all-minilm-l6-v2", description="Packaged name, local folder or hub id of an encoder")
     trust_remote_code: bool = Field(False)
     max_length: int = Field(64, ge=8, description="Tokens per student input")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="The student's compute dtype: training runs its matmuls under autocast in it, and encoding "
+        "(store keys, evaluation, serving) uses a copy of the weights in it; the weights stay float32. auto: "
+        "bfloat16 on CPUs with bf16 units and on GPUs that have bf16, float32 elsewhere",
+    )
     k: int = Field(16, ge=1, description="Neighbours retrieved from the store")
     tau: float = Field(0.05, gt=0, description="Temperature of the neighbour weights")
     lam: float = Field(0.5, ge=0, le=1, description="p = lam * p_ret + (1 - lam) * p_head")
@@ -343,6 +347,12 @@ class StudentSpec(DeepSpeedOption):
     )
     epochs: int = Field(3, ge=0)
     batch_size: int = Field(32, ge=2)
+    length_grouped_batches: bool = Field(
+        True,
+        description="Batch store rows of similar token length together, so that batches carry less padding: each "
+        "epoch's shuffled order is cut into groups of 8 batches, each group sorted by length and cut into batches, "
+        "and the batches are then taken in a shuffled order; false: batches in the shuffled order",
+    )
     gold_per_batch: int = Field(8, ge=0, description="Gold few-shot examples oversampled into each batch")
     lr: float = Field(3e-5, gt=0)
     head_lr: float = Field(1e-3, gt=0, description="Learning rate of the linear head")
@@ -359,7 +369,9 @@ class EvaluateSpec(Section):
 
 
 class ResourcesSpec(Section):
-    """Where the work runs. Not part of any content hash: it changes speed, not results."""
+    """Where the work runs. It changes speed, not results, except `num_workers`: a training stage's world size
+    sets its global batch and each worker's share of the data (and in PPO of the rollouts and their seeds), so
+    it is in the training stages' hashes. Every other field is in NOT_RESULTS, with the reason."""
 
     num_workers: int = Field(1, ge=1, description="Ray Train workers per training stage")
     generation_replicas: int = Field(2, ge=1, description="Most teacher replicas generating at once")
@@ -430,7 +442,12 @@ class ServeSpec(Section):
     max_ongoing_requests: int = Field(
         32, ge=1, description="Requests a replica takes at once (running or waiting for a batch); >= batch_max_size"
     )
-    min_replicas: int = Field(1, ge=0, description="Fewest student+store replicas (autoscaling)")
+    min_replicas: int = Field(
+        2,
+        ge=0,
+        description="Fewest student+store replicas (autoscaling); 2 replicas of 1 CPU served more than 1 of 1 or 2 "
+        "CPUs on a 2-core machine (benchmarks/results/serve.md)",
+    )
     max_replicas: int = Field(2, ge=1, description="Most student+store replicas (autoscaling)")
     target_ongoing_requests: float = Field(
         4.0, gt=0, description="Autoscaling adds or removes replicas to keep this many requests ongoing per replica"
@@ -451,6 +468,20 @@ class ServeSpec(Section):
         return self
 
 
+class TrackingSpec(Section):
+    """MLflow experiment tracking of every run and sweep (retrikt_ray/tracking.py). Not part of any content hash."""
+
+    enabled: bool = Field(True, description="Track runs and sweeps in MLflow; false: nothing is written")
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI: a server (http://host:5000) or a database (sqlite:////abs/path/mlflow.db). "
+        "None: sqlite:///<runs_dir>/mlflow/mlflow.db beside the run directories (for a runs_dir URI, beside their "
+        "local staging copies). On a cluster, a server (or a database on a shared volume) the driver and Tune "
+        "trials reach",
+    )
+    experiment: str | None = Field(None, description="MLflow experiment name; None: the job's name")
+
+
 class JobSpec(Section):
     """A whole RetriKT job."""
 
@@ -469,10 +500,11 @@ class JobSpec(Section):
     resources: ResourcesSpec = ResourcesSpec()
     storage: StorageSpec = StorageSpec()
     serve: ServeSpec = ServeSpec()
+    tracking: TrackingSpec = TrackingSpec()
 
     @model_validator(mode="after")
     def _deepspeed_fits_resources(self):
-        for stage in TRAINING_STAGES:
+        for stage in self.training_sections():
             settings = self.deepspeed_for(stage)
             where = f"{stage}.deepspeed" if getattr(self, stage).deepspeed is not None else "deepspeed"
             if settings.precision == "fp16" and not self.resources.use_gpu:
@@ -486,14 +518,18 @@ class JobSpec(Section):
             )
         return self
 
+    @classmethod
+    def training_sections(cls) -> tuple[str, ...]:
+        """The sections with a `deepspeed` option: those of the training stages (stage_contract.Stage.trains)."""
+        return tuple(
+            name
+            for name, field in cls.model_fields.items()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, DeepSpeedOption)
+        )
+
     def deepspeed_for(self, stage: str) -> DeepSpeedSpec:
         """A training stage's DeepSpeed settings: its own section, else the shared one."""
         return getattr(self, stage).deepspeed or self.deepspeed
-
-    def section_hash(self, *paths: str) -> str:
-        """Content hash of the named config parts (`task`, `student.model`, ...)."""
-        payload = {path: self.lookup(path) for path in paths}
-        return content_hash(payload)
 
     def lookup(self, path: str) -> Any:
         value: Any = self.model_dump(mode="json")
@@ -502,9 +538,60 @@ class JobSpec(Section):
         return value
 
     def spec_hash(self) -> str:
-        """Hash of everything that changes results (resources, storage and serve excluded)."""
-        dumped = self.model_dump(mode="json", exclude={"resources", "storage", "serve", "name"})
-        return content_hash(dumped)
+        """Hash of everything that changes results: the whole spec less NOT_RESULTS (names the run folder)."""
+        return content_hash(results_only("", self.model_dump(mode="json")))
+
+
+# The fields that change no stage's results, each with the reason. A stage's hash covers every field of the
+# sections it reads (stage_contract.Stage.reads) less these, so a field added to a section is hashed unless it
+# is listed here. A batch size that shapes training (prompt, ppo and student batch sizes, DeepSpeed's micro-batch
+# and accumulation) changes results and is not listed; nor is resources.num_workers (ResourcesSpec).
+NOT_RESULTS: dict[str, str] = {
+    "name": "names the run folder, not what runs in it",
+    "storage": "where runs, models and caches are kept",
+    "serve": "how `retrikt serve` serves a finished run",
+    "tracking": "where runs are recorded for MLflow, not what runs",
+    "teacher.classify_batch_size": "texts per teacher forward when reading: each text is read alone (padding "
+    "masked, tests/test_engine.py), so it changes speed, not p_C or h_T beyond float rounding",
+    "generate.batch_size": "rows a replica decodes at once: every sample draws from its own seed (engine.row_seeds, "
+    "tests/test_engine.py), so it changes speed, not samples",
+    "resources.generation_replicas": "teacher replicas at once: generation rows (one label and seed each, "
+    "generate.rows_per_task samples) and annotation chunks are fixed before they are shared out",
+    "resources.cpus_per_worker": "CPUs, hence torch threads, of a training worker: speed",
+    "resources.cpus_per_replica": "CPUs, hence torch threads, of a teacher replica: speed",
+    "resources.torch_threads": "torch threads per process: speed",
+    "resources.use_gpu": "the device: its kernels round floats differently, as two machines do; with a dtype of "
+    "auto (teacher.dtype, student.dtype) the precision follows the hardware, which no field names: pin the dtype "
+    "for results that do not depend on it",
+    "resources.gpus_per_replica": "how many teacher replicas share a GPU: speed",
+    "resources.placement": "which nodes the workers and replicas land on",
+    "resources.max_failures": "a restarted worker group resumes from its last checkpoint, which holds the loop's "
+    "whole state and random generators",
+    "resources.checkpoint_every_steps": "how often the training state is saved, not what it is",
+    "resources.checkpoint_every_updates": "how often PPO's state is saved, not what it is",
+    "resources.address": "which Ray cluster runs the job",
+    "resources.auth_token_file": "how `retrikt submit` reaches the cluster",
+}
+
+
+def not_results(path: str) -> str | None:
+    """Why the field at `path` (or the section holding it) changes no result; None when it may."""
+    for excluded, reason in NOT_RESULTS.items():
+        if path == excluded or path.startswith(excluded + "."):
+            return reason
+    return None
+
+
+def results_only(path: str, value: Any) -> Any:
+    """The dumped value at `path` ("" for the whole spec) less the NOT_RESULTS fields under it."""
+    if not isinstance(value, dict):
+        return value
+    kept = {}
+    for key, item in value.items():
+        child = f"{path}.{key}" if path else key
+        if not_results(child) is None:
+            kept[key] = results_only(child, item)
+    return kept
 
 
 def content_hash(payload: Any) -> str:
@@ -599,7 +686,7 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
     sections = [(spec.data, "train_file"), (spec.data, "dev_file"), (spec.unlabelled, "file")]
     sections += [
         (settings, "config_file")
-        for settings in (spec.deepspeed, *(getattr(spec, stage).deepspeed for stage in TRAINING_STAGES))
+        for settings in (spec.deepspeed, *(getattr(spec, stage).deepspeed for stage in spec.training_sections()))
         if settings is not None
     ]
     for section, field in sections:

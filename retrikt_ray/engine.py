@@ -4,7 +4,7 @@
 embeddings and token ids; how they are computed is decided here and nowhere else.
 
 `Engine` is the interface, three calls that a vLLM-backed engine could implement as well (vLLM's
-`prompt_embeds` input carries a soft prompt; see the README):
+`prompt_embeds` input carries a soft prompt; see docs/teacher_engine.md):
 - `generate`: sampled (or greedy) continuations of one prompt given as embeddings, one seed per row;
 - `score`: log-probs and last hidden states of given continuations of such a prompt (PPO; differentiable);
 - `read`: the last position (or chosen positions) of many token sequences: logits, a layer's state, the

@@ -18,15 +18,17 @@ from .artifacts import (
     stage_hash,
     write_job_file,
 )
-from .config import TRAINING_STAGES, JobSpec, SpecError
+from .config import JobSpec, SpecError
 from .ray_session import ray_session
+from .stage_contract import Stage
 from .stages import evaluate, generate, ppo, prompt, store, student, unlabelled
+from .tracking import PipelineTracker
 
-STAGES = (prompt, ppo, generate, unlabelled, store, student, evaluate)
-STAGE_NAMES = tuple(module.NAME for module in STAGES)
-# Stages whose results depend on the bytes of the training or dev file.
-_TRAIN_FILE_STAGES = {"prompt", "ppo", "unlabelled", "student"}
-_DEV_FILE_STAGES = {"unlabelled", "evaluate"}
+# Each stage's contract (stage_contract.Stage), in the order they run.
+STAGES: tuple[Stage, ...] = tuple(
+    module.STAGE for module in (prompt, ppo, generate, unlabelled, store, student, evaluate)
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 
 def validate(spec: JobSpec) -> str:
@@ -58,23 +60,17 @@ def plan(spec: JobSpec, run_dir: Path) -> list[StageRun]:
     train, dev = data_files(spec, Task.from_spec(spec.task))
     hashes: dict[str, str] = {}
     runs = []
-    for module in STAGES:
-        inputs = {name: hashes[name] for name in module.INPUTS}
-        files = ([train] if module.NAME in _TRAIN_FILE_STAGES else []) + (
-            [dev] if module.NAME in _DEV_FILE_STAGES else []
-        )
-        if module.NAME == "unlabelled" and spec.unlabelled.file is not None:
-            files.append(Path(spec.unlabelled.file))
-        if module.NAME in TRAINING_STAGES and spec.deepspeed_for(module.NAME).config_file is not None:
-            files.append(Path(spec.deepspeed_for(module.NAME).config_file))
-        hashes[module.NAME] = stage_hash(spec, module.CONFIG_KEYS, inputs, files)
+    for stage in STAGES:
+        inputs = {name: hashes[name] for name in stage.inputs}
+        files = stage.data_files(spec, train, dev)
+        hashes[stage.name] = stage_hash(stage.hashed_config(spec), inputs, files)
         runs.append(
             StageRun(
-                name=module.NAME,
+                name=stage.name,
                 run_dir=run_dir,
-                stage_hash=hashes[module.NAME],
-                config={key: spec.lookup(key) for key in module.CONFIG_KEYS},
-                inputs={name: run_dir / name for name in module.INPUTS},
+                stage_hash=hashes[stage.name],
+                config=stage.config(spec),
+                inputs={name: run_dir / name for name in stage.inputs},
                 input_hashes=inputs,
             )
         )
@@ -92,10 +88,18 @@ def sync_with_remote(remote: RemoteRun, stages: list[StageRun], log: Callable[[s
             remote.upload_stage(stage.dir)
 
 
-def run(spec: JobSpec, only: str | None = None, force: bool = False, log: Callable[[str], None] = print) -> Path:
+def run(
+    spec: JobSpec,
+    only: str | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    tracking_parent: str | None = None,
+) -> Path:
     """Run the pipeline (or one stage) and return the (local) run directory.
 
     With a URI as runs_dir, the stages run in the local staging copy and each one is uploaded when done.
+    Each stage, once finished (or found finished), is recorded in MLflow (tracking.py), in the run directory's
+    MLflow run, nested under `tracking_parent` (a sweep's or a trial's run) when given.
     """
     from .models import teacher_path
 
@@ -108,20 +112,23 @@ def run(spec: JobSpec, only: str | None = None, force: bool = False, log: Callab
     if remote is not None:
         remote.upload_file(run_dir / "job.yaml", "job.yaml")
         sync_with_remote(remote, stages, log)
-    modules = dict(zip(STAGE_NAMES, STAGES))
+    contracts = dict(zip(STAGE_NAMES, STAGES))
     selected = [stage for stage in stages if only in (None, stage.name)]
     for stage in selected:
         for name, input_hash in stage.input_hashes.items():
             if only is not None and not is_finished(run_dir / name, input_hash):
                 raise SpecError(f"--stage {only}: needs stage '{name}' finished first (run without --stage)")
     pending = [stage for stage in selected if force or not is_finished(stage.dir, stage.stage_hash)]
+    tracker = PipelineTracker(spec, run_dir, stages, log, tracking_parent)
     for stage in selected:
         if stage not in pending:
             log(f"[{stage.name}] finished earlier, skipped")
+            tracker.stage(stage)
     if not pending:
+        tracker.end()
         return run_dir
     teacher_path(spec.teacher.model, spec.storage.cache_dir)  # convert once here, not in every worker
-    with ray_session(spec):
+    with ray_session(spec), tracker:
         for stage in pending:
             source = None if force else find_finished_elsewhere(run_dir.parent, stage.name, stage.stage_hash, run_dir)
             if source is not None:
@@ -130,9 +137,10 @@ def run(spec: JobSpec, only: str | None = None, force: bool = False, log: Callab
             else:
                 stage.prepare()
                 started = time.perf_counter()
-                result = modules[stage.name].run(spec, stage)
+                result = contracts[stage.name].run(spec, stage)
                 manifest = stage.finish(result, time.perf_counter() - started)
                 log(f"[{stage.name}] {manifest['seconds']:.0f}s: {result.summary}")
+            tracker.stage(stage)
             if remote is not None:
                 remote.upload_stage(stage.dir)
                 log(f"[{stage.name}] uploaded to {remote.uri}/{stage.name}")

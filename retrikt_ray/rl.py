@@ -160,6 +160,15 @@ class MemoryBank:
         for vector in F.normalize(embeddings.detach(), dim=-1):
             self.banks[label].append(vector)
 
+    def state_dict(self) -> dict[str, list[list[torch.Tensor]]]:
+        return {"banks": [list(bank) for bank in self.banks]}
+
+    def load_state_dict(self, state: dict[str, list[list[torch.Tensor]]]) -> None:
+        """The saved vectors, in place: each bank keeps its size."""
+        for bank, saved in zip(self.banks, state["banks"], strict=True):
+            bank.clear()
+            bank.extend(saved)
+
 
 def diversity_reward(
     bank: MemoryBank, labels: list[int], embeddings: torch.Tensor, accepted: list[bool]

@@ -14,6 +14,7 @@ import numpy as np
 
 from .artifacts import write_parquet_atomic
 from .config import JobSpec
+from .stage_contract import worker_spec
 from .tasks import Task
 
 SAMPLES = "samples.parquet"
@@ -32,7 +33,7 @@ class Annotator:
 
         from .teacher import Teacher
 
-        self.spec = JobSpec.model_validate(spec_json)
+        self.spec = worker_spec(spec_json)
         if threads:
             torch.set_num_threads(threads)
         self.task = Task.from_spec(self.spec.task)

@@ -522,21 +522,27 @@ def _looks_like_a_value(cell: str, label_values: list[str]) -> bool:
 
 def data_files(spec: JobSpec, task: Task) -> tuple[str, str]:
     """(train, dev) files of a job: the spec's, else the task's packaged ones."""
-    if spec.data.train_file and spec.data.dev_file:
-        return spec.data.train_file, spec.data.dev_file
-    train, dev = task.default_files()
-    return spec.data.train_file or train, spec.data.dev_file or dev
+    return train_file(spec, task), dev_file(spec, task)
+
+
+def train_file(spec: JobSpec, task: Task) -> str:
+    """The job's labelled pool: data.train_file, else the task's packaged one (reading no other field, so that a
+    stage that reads only this file reads only data.train_file: stage_contract)."""
+    return spec.data.train_file or task.default_files()[0]
+
+
+def dev_file(spec: JobSpec, task: Task) -> str:
+    """The job's dev split: data.dev_file, else the task's packaged one."""
+    return spec.data.dev_file or task.default_files()[1]
 
 
 def load_few_shot(spec: JobSpec) -> tuple[Task, list[Example]]:
     """The task and its few labelled examples D_L (k per class, drawn with the data seed)."""
     task = Task.from_spec(spec.task)
-    train, _ = data_files(spec, task)
-    return task, task.few_shot(task.load(train), spec.data.shots, spec.data.seed)
+    return task, task.few_shot(task.load(train_file(spec, task)), spec.data.shots, spec.data.seed)
 
 
 def load_dev(spec: JobSpec) -> tuple[Task, list[Example]]:
     """The task and its evaluation examples (the first data.dev_limit when set)."""
     task = Task.from_spec(spec.task)
-    _, dev = data_files(spec, task)
-    return task, task.load(dev)[: spec.data.dev_limit]
+    return task, task.load(dev_file(spec, task))[: spec.data.dev_limit]

@@ -6,6 +6,7 @@ data sharding by rank, and handing rank 0's output files back to the stage folde
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import random
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from .config import JobSpec, ResourcesSpec
+from .stage_contract import worker_spec as spec_in_worker
 
 if TYPE_CHECKING:
     from .artifacts import StageRun
@@ -36,8 +38,8 @@ def set_threads(resources: ResourcesSpec, cpus: float) -> None:
 
 
 def worker_spec(config: dict) -> JobSpec:
-    """The job spec inside a worker (files it names were read on the driver; this node may lack them)."""
-    return JobSpec.model_validate(config["spec"], context={"in_worker": True})
+    """The job spec inside a worker (stage_contract.worker_spec)."""
+    return spec_in_worker(config["spec"])
 
 
 def deepspeed_config(spec: JobSpec, stage: str, batch_size: int) -> dict:
@@ -162,6 +164,9 @@ class Optimiser:
             config=config,
         )
         self.model = self.engine
+        # This rank's loss at every step (6 significant digits), resumed with the checkpoints; the stage's
+        # metrics keep rank 0's as `loss_per_step` (report_outputs), which tracking logs step by step.
+        self.losses: list[float] = []
 
     @property
     def precision(self) -> str:
@@ -174,6 +179,7 @@ class Optimiser:
         """Backward and (at an accumulation boundary) an optimizer step."""
         self.engine.backward(loss)
         self.engine.step()
+        self.losses.append(float(f"{loss.item():.6g}"))
 
     def gathered(self, parameters: list[torch.nn.Parameter] | None = None):
         """Context in which the parameters (default: the trainable ones) are whole on every rank.
@@ -193,6 +199,32 @@ class Optimiser:
             for parameter in self.trainable:
                 digest.update(parameter.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class LoopState:
+    """A training loop's state between steps, in one object as torchtune's recipes keep theirs: a checkpoint
+    saves `state_dict()` and resuming restores it with `load_state_dict()`. A subclass is a dataclass whose fields
+    are that state, each saved under its name; a field holding an object with a `state_dict` of its own (PPO's
+    memory bank) is saved as that and restored in place, so whatever holds the object too sees the restored one.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: _saved(value) for name, value in self._fields()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in self._fields():
+            if hasattr(value, "load_state_dict"):
+                value.load_state_dict(state[name])
+            else:
+                setattr(self, name, state[name])
+
+    def _fields(self):
+        return ((field.name, getattr(self, field.name)) for field in dataclasses.fields(self))
+
+
+def _saved(value: Any) -> Any:
+    return value.state_dict() if hasattr(value, "state_dict") else value
 
 
 class Checkpoints:
@@ -225,6 +257,7 @@ class Checkpoints:
         if torch.cuda.is_available() and saved.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         self.resumed_from = saved["position"]
+        self.optimiser.losses = list(saved.get("losses", []))
         return saved["loop"]
 
     def due(self, position: int) -> bool:
@@ -249,6 +282,7 @@ class Checkpoints:
                     "python_rng": random.getstate(),
                     "numpy_rng": np.random.get_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "losses": self.optimiser.losses,
                 },
                 Path(folder) / LOOP_STATE.format(rank=self.rank),
             )
@@ -262,8 +296,8 @@ def report_outputs(metrics: dict[str, Any], write: Callable[[Path], None], optim
     `worker_devices` (the torch device each rank trained on), `weights_digest` (a digest of each rank's
     trainable parameters: all equal when in sync), `items_seen` (how many distinct data items each rank
     trained on, from `seen`) and `items_shared` (items that more
-    than one rank saw: 0 when the data was split); and `precision`, the engine's. `write` runs with the
-    trainable parameters gathered.
+    than one rank saw: 0 when the data was split); `precision`, the engine's; and `loss_per_step`, rank 0's loss
+    at every optimizer step (Optimiser.losses). `write` runs with the trainable parameters gathered.
     """
     import ray
     import ray.train
@@ -291,6 +325,7 @@ def report_outputs(metrics: dict[str, Any], write: Callable[[Path], None], optim
         "weights_digest": [entry["digest"] for entry in everyone],
         "items_seen": [len(entry["seen"]) for entry in everyone],
         "items_shared": sum(1 for count in counts.values() if count > 1),
+        "loss_per_step": optimiser.losses,
     }
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None

@@ -31,6 +31,7 @@ from . import pipeline
 from .artifacts import is_uri, read_manifest, run_dir_for
 from .config import JobSpec, SpecError, apply_overrides, content_hash, dump_spec, validate_spec
 from .ray_session import ray_session
+from .tracking import SweepTracker
 
 SEARCHERS = {
     "optuna": ("ray.tune.search.optuna", "OptunaSearch"),
@@ -157,13 +158,9 @@ def with_values(spec: JobSpec, values: dict[str, Any]) -> JobSpec:
 
 
 def shared_stages(fields: list[str]) -> list[str]:
-    """The stages before the first one that reads any of the fields: the same in every trial."""
-
-    def reads(key: str, field: str) -> bool:
-        return field == key or field.startswith(key + ".") or key.startswith(field + ".")
-
-    for index, module in enumerate(pipeline.STAGES):
-        if any(reads(key, field) for key in module.CONFIG_KEYS for field in fields):
+    """The stages before the first one whose hash covers any of the fields: the same in every trial."""
+    for index, stage in enumerate(pipeline.STAGES):
+        if any(stage.hashes(field) for field in fields):
             return list(pipeline.STAGE_NAMES[:index])
     return list(pipeline.STAGE_NAMES)
 
@@ -186,20 +183,40 @@ def stage_metrics(run_dir: Path, stage: str) -> dict[str, float]:
     return {key: value for key, value in manifest.get("metrics", {}).items() if isinstance(value, (int, float))}
 
 
-def trial(config: dict, base: dict, sweep: dict) -> None:
+def trial(config: dict, base: dict, sweep: dict, tracking_parent: str | None = None) -> None:
     """One Tune trial: the pipeline with the trial's values, once or at each fidelity rung, reporting the
-    metric's stage's metrics (Tune names them `<stage>/<metric>`) after each run."""
+    metric's stage's metrics (Tune names them `<stage>/<metric>`) after each run. Its lines start with the
+    trial's name; in MLflow it is a run under the sweep's run (`tracking_parent`) with the sweep's metric per rung,
+    its pipeline runs nested under it."""
     from ray import tune
 
+    from .tracking import TrialTracker
+
     settings = SweepSpec.model_validate(sweep)
-    stage = settings.metric.split(".")[0]
+    stage, metric = settings.metric.split(".")
     spec = with_values(JobSpec.model_validate(base), config)
+    name = tune.get_context().get_trial_name()
+
+    def log(line: str) -> None:
+        print(f"[{name}] {line}", flush=True)
+
     fidelity = settings.scheduler.fidelity
-    for rung in settings.scheduler.rungs or [None]:
-        rung_spec = with_values(spec, {fidelity: rung}) if rung is not None else spec
-        run_dir = pipeline.run(rung_spec)
-        reported = {stage: stage_metrics(run_dir, stage), "run_dir": str(run_dir)}
-        tune.report(reported if rung is None else {**reported, "fidelity": rung})
+    with TrialTracker(spec, tracking_parent, name, config, log) as tracked:
+        for rung in settings.scheduler.rungs or [None]:
+            rung_spec = with_values(spec, {fidelity: rung}) if rung is not None else spec
+            run_dir = pipeline.run(rung_spec, log=log, tracking_parent=tracked.run_id)
+            reported = {stage: stage_metrics(run_dir, stage), "run_dir": str(run_dir)}
+            tracked.metric(settings.metric, reported[stage].get(metric), rung or 0)
+            tune.report(reported if rung is None else {**reported, "fidelity": rung})
+
+
+def sweep_job(spec: JobSpec, sweep: SweepSpec) -> JobSpec:
+    """The job as the sweep runs it: the sweep's fixed fields set, and a relative runs_dir made absolute (trials run
+    in Tune's trial folders: a relative runs_dir would land there)."""
+    spec = with_values(spec, sweep.set)
+    if not is_uri(spec.storage.runs_dir):
+        spec.storage.runs_dir = str(Path(spec.storage.runs_dir).expanduser().resolve())
+    return spec
 
 
 def sweep_dir_for(spec: JobSpec, sweep: SweepSpec) -> Path:
@@ -210,8 +227,9 @@ def sweep_dir_for(spec: JobSpec, sweep: SweepSpec) -> Path:
     )
 
 
-def tuner(spec: JobSpec, sweep: SweepSpec, out: Path, max_concurrent: int):
-    """The Tuner: trial function, search space, searcher, scheduler, concurrency, storage."""
+def tuner(spec: JobSpec, sweep: SweepSpec, out: Path, max_concurrent: int, tracking_parent: str | None = None):
+    """The Tuner: trial function, search space, searcher, scheduler, concurrency, storage; the trials' MLflow runs
+    go under `tracking_parent`."""
     import importlib
 
     from ray import tune
@@ -231,7 +249,12 @@ def tuner(spec: JobSpec, sweep: SweepSpec, out: Path, max_concurrent: int):
         rungs = len(sweep.scheduler.rungs)
         scheduler = ASHAScheduler(max_t=rungs, grace_period=1, reduction_factor=sweep.scheduler.reduction_factor)
     return tune.Tuner(
-        tune.with_parameters(trial, base=spec.model_dump(mode="json"), sweep=sweep.model_dump(mode="json")),
+        tune.with_parameters(
+            trial,
+            base=spec.model_dump(mode="json"),
+            sweep=sweep.model_dump(mode="json"),
+            tracking_parent=tracking_parent,
+        ),
         param_space={path: domain.to_tune() for path, domain in sweep.space.items()},
         tune_config=tune.TuneConfig(
             metric=sweep.tune_metric,
@@ -327,10 +350,7 @@ def tune_job(spec: JobSpec, sweep: SweepSpec, log: Callable[[str], None] = print
     import pandas as pd
     import ray
 
-    spec = with_values(spec, sweep.set)
-    # Trials run in Tune's trial folders: a relative runs_dir would land there.
-    if not is_uri(spec.storage.runs_dir):
-        spec.storage.runs_dir = str(Path(spec.storage.runs_dir).expanduser().resolve())
+    spec = sweep_job(spec, sweep)
     for path, domain in sweep.space.items():
         for value in domain.values():
             with_values(spec, {path: value})
@@ -340,12 +360,14 @@ def tune_job(spec: JobSpec, sweep: SweepSpec, log: Callable[[str], None] = print
     out = sweep_dir_for(spec, sweep)
     out.mkdir(parents=True, exist_ok=True)
     fields = [*sweep.space, *([sweep.scheduler.fidelity] if sweep.scheduler.fidelity else [])]
-    with ray_session(spec):
+    tracker = SweepTracker(spec, sweep.model_dump(mode="json"), out, log)
+    spec = tracker.trial_spec(spec)
+    with ray_session(spec), tracker:
         for stage in shared_stages(fields):
-            pipeline.run(spec, only=stage, log=log)
+            pipeline.run(spec, only=stage, log=log, tracking_parent=tracker.run_id)
         max_concurrent = sweep.max_concurrent or concurrent_trials(spec, ray.cluster_resources())
         log(f"sweep: {sweep.num_samples} samples, at most {max_concurrent} trials at once, output {out}")
-        result_grid = tuner(spec, sweep, out, max_concurrent).fit()
+        result_grid = tuner(spec, sweep, out, max_concurrent, tracker.run_id).fit()
     rows = results_table(result_grid, sweep)
     frame = pd.DataFrame(rows)
     frame.to_parquet(out / "results.parquet", index=False)
@@ -354,4 +376,5 @@ def tune_job(spec: JobSpec, sweep: SweepSpec, log: Callable[[str], None] = print
     best = rows[0] if rows and not math.isnan(rows[0][sweep.metric]) else None
     if best is not None:
         (out / "best.yaml").write_text(dump_spec(with_values(spec, {path: best[path] for path in fields})))
+    tracker.finish(out, sweep.metric, best[sweep.metric] if best is not None else None)
     return {"dir": out, "rows": rows, "best": best}

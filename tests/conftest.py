@@ -9,11 +9,9 @@ import torch
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
+    from helpers import start_ray
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_ray()
     yield
     ray.shutdown()
 

@@ -1,5 +1,5 @@
-"""Helpers the test files share (fixtures are in conftest.py): the tiny job spec, a copy of the shared tiny
-run to reuse, a logged pipeline run, a stage's manifest, and the real `retrikt` command in-process."""
+"""Helpers the test files share (fixtures are in conftest.py): the tests' local Ray, the tiny job spec, a copy of
+the shared tiny run to reuse, a logged pipeline run, a stage's manifest, and the real `retrikt` command in-process."""
 
 import json
 import shutil
@@ -12,6 +12,16 @@ from retrikt_ray.cli import app
 from retrikt_ray.config import JobSpec
 
 SHARED_PREFIX = "shared-"  # the folder name of a copy of the shared run (reuse_shared_run)
+
+
+def start_ray(**options) -> None:
+    """The tests' local Ray (conftest's `ray_local`; test_stage_contract.py restarts it with `options`)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, **options)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def tiny_spec(tiny_models, runs_dir, task="sst2", **changes) -> JobSpec:

@@ -134,10 +134,41 @@ def test_stage_hashes_change_only_downstream_of_the_change(tmp_path):
     in_domain.unlabelled.samples = 100
     after = {stage.name: stage.stage_hash for stage in plan(in_domain, tmp_path)}
     assert [name for name in before if before[name] != after[name]] == ["unlabelled", "store", "student", "evaluate"]
-    # Resources change speed, not results: no stage reruns.
+    # The world size sets a training stage's global batch and each worker's share of the data: the training
+    # stages rerun, and the stages downstream of them (not unlabelled, which reads none of their outputs).
+    wider = base.model_copy(deep=True)
+    wider.resources.num_workers = 4
+    after = {stage.name: stage.stage_hash for stage in plan(wider, tmp_path)}
+    assert [name for name in before if before[name] != after[name]] == [
+        "prompt",
+        "ppo",
+        "generate",
+        "store",
+        "student",
+        "evaluate",
+    ]
+    assert wider.spec_hash() != base.spec_hash()  # another run folder
+    # Where and how fast the work runs, where runs are kept, how they are served, and batch sizes that change
+    # speed only (config.NOT_RESULTS): no stage reruns, and the run folder is the same.
     moved = base.model_copy(deep=True)
-    moved.resources.num_workers = 4
+    for section, field, value in [
+        ("resources", "generation_replicas", 4),
+        ("resources", "cpus_per_worker", 3.0),
+        ("resources", "cpus_per_replica", 2.0),
+        ("resources", "torch_threads", 2),
+        ("resources", "placement", "spread"),
+        ("resources", "max_failures", 3),
+        ("resources", "checkpoint_every_steps", 5),
+        ("resources", "checkpoint_every_updates", None),
+        ("resources", "address", "auto"),
+        ("storage", "runs_dir", "elsewhere"),
+        ("serve", "port", 9000),
+        ("generate", "batch_size", 7),
+        ("teacher", "classify_batch_size", 5),
+    ]:
+        setattr(getattr(moved, section), field, value)
     assert {stage.name: stage.stage_hash for stage in plan(moved, tmp_path)} == before
+    assert moved.spec_hash() == base.spec_hash()
 
 
 def cli(*args, cwd=REPO):
@@ -279,3 +310,15 @@ def test_deepspeed_json_file_is_used_as_is_and_hashed_by_content(tmp_path):
     (tmp_path / "d" / "ds.json").write_text('{"zero_optimization": ')
     with pytest.raises(SpecError, match=r"deepspeed: config_file: .*ds.json is not valid JSON \(line 1\)"):
         load_spec(tmp_path / "d" / "job.yaml")
+
+
+def test_the_configuration_reference_is_generated_from_the_spec():
+    """docs/configuration.md is what `python -m retrikt_ray.config_reference` writes: it lists every field."""
+    from retrikt_ray.config_reference import reference
+
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert committed == reference(), "regenerate: python -m retrikt_ray.config_reference > docs/configuration.md"
+    for section, field in JobSpec.model_fields.items():
+        if hasattr(field.annotation, "model_fields"):
+            for name in field.annotation.model_fields:
+                assert f"| `{name}` |" in committed, f"{section}.{name}"

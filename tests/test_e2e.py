@@ -47,7 +47,7 @@ def test_run_end_to_end_then_skip_then_show(tmp_path):
 
     first = retrikt("run", str(job))
     assert first.returncode == 0, first.stderr[-3000:]
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run_dir,) = [path for path in (tmp_path / "runs").iterdir() if (path / "job.yaml").is_file()]  # not mlflow/
     assert (run_dir / "job.yaml").is_file()
     for stage in STAGES:
         manifest = json.loads((run_dir / stage / "manifest.json").read_text())

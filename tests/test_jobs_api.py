@@ -157,7 +157,7 @@ def submitted(ray_cluster, tiny_models, tmp_path_factory):
     followed = cli("logs", job_id, "--follow", "--address", url, "--token-file", str(token_file))
     status = cli("status", job_id, "--address", url, "--token-file", str(token_file))
     assert "status   SUCCEEDED" in status.stdout, followed.output[-4000:]
-    (run_dir,) = (root / "runs").iterdir()
+    (run_dir,) = [path for path in (root / "runs").iterdir() if (path / "job.yaml").is_file()]  # not mlflow/
     return job_id, submitted, followed, run_dir
 
 

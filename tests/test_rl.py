@@ -184,3 +184,36 @@ def test_max_cosine_to_others_excludes_each_row_itself():
     rows = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
     assert torch.allclose(max_cosine_to_others(rows), torch.tensor([1.0, 1.0, 0.0]))
     assert max_cosine_to_others(rows[:1]).tolist() == [0.0]
+
+
+def test_a_loop_state_checkpoints_its_fields_and_restores_the_memory_bank_in_place(tmp_path):
+    """What a training loop's LoopState saves goes through torch.save as a checkpoint does; resuming restores every
+    field, the memory bank in place (the reward model holding it sees the restored vectors) and at its size."""
+    import random
+    from dataclasses import dataclass, field
+
+    from retrikt_ray.training import LoopState
+
+    @dataclass
+    class Loop(LoopState):
+        bank: MemoryBank
+        order: random.Random
+        history: list[dict] = field(default_factory=list)
+        seen: set[str] = field(default_factory=set)
+
+    saved = Loop(bank=MemoryBank(num_labels=2, size=2), order=random.Random(3))
+    saved.bank.add(1, torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]]))
+    saved.order.random()
+    saved.history.append({"update": 0, "reward": 0.5})
+    saved.seen.update({"a text", "another"})
+    torch.save(saved.state_dict(), tmp_path / "state.pt")
+
+    held = MemoryBank(num_labels=2, size=2)  # what the reward model holds
+    resumed = Loop(bank=held, order=random.Random(0))
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    assert resumed.bank is held and [len(bank) for bank in held.banks] == [0, 2]
+    assert torch.equal(torch.stack(list(held.banks[1])), torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    held.add(1, torch.tensor([[0.0, 5.0]]))
+    assert len(held.banks[1]) == 2  # still at most `size` vectors
+    assert resumed.order.random() == saved.order.random()
+    assert resumed.history == saved.history and resumed.seen == saved.seen

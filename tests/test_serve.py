@@ -133,7 +133,7 @@ def test_neighbors_are_the_retrieved_store_rows(served):
     assert answer.status_code == 200, answer.text
     # The nearest keys, found here by brute force: the run's student embeds each text as serving does and every
     # store key is scored by cosine (keys and embeddings are L2-normalised).
-    student = RetrievalStudent.load(run_dir / "student" / "model")
+    student = RetrievalStudent.load(run_dir / "student" / "model", dtype=spec.student.dtype)
     task = Task.from_spec(spec.task)
     queries = student.embed_all([task.student_inputs(example)[0] for example in parse_inputs(task, texts)])
     cosines = queries @ store.keys.T

@@ -331,8 +331,8 @@ def run_stages(spec: JobSpec, run_dir, modules) -> None:
     """Each stage module in turn, in run_dir, on the inputs already there (no pipeline around them)."""
     stages = {stage.name: stage for stage in pipeline.plan(spec, run_dir)}
     for module in modules:
-        stages[module.NAME].prepare()
-        stages[module.NAME].finish(module.run(spec, stages[module.NAME]), 0.0)
+        stages[module.STAGE.name].prepare()
+        stages[module.STAGE.name].finish(module.STAGE.run(spec, stages[module.STAGE.name]), 0.0)
 
 
 def labelled_examples_as_samples(spec: JobSpec, flip: bool) -> pd.DataFrame:
@@ -457,7 +457,7 @@ def test_evaluate_stage_reports_metrics_in_range(sst2_run):
     )
     # The file holds no p_ret: predict again with the saved student and store, check that this gives the file's
     # p and p_head, and take the retrieval-only accuracy from its p_ret.
-    student = RetrievalStudent.load(run_dir / "student" / "model")
+    student = RetrievalStudent.load(run_dir / "student" / "model", dtype=spec.student.dtype)  # as evaluate does
     again = predict_examples(
         task, student, KnowledgeStore.load(run_dir / "student" / "store"), dev, spec.evaluate.batch_size
     )
@@ -651,3 +651,29 @@ def test_manifests_name_the_teachers_precision_per_use(sst2_run):
     ]
     assert manifest(run_dir, "ppo")["metrics"]["teacher_precision"] == expected
     assert manifest(run_dir, "evaluate")["metrics"]["teacher_precision"] == expected
+
+
+def test_length_grouped_batches_keep_the_rows_and_cut_padding():
+    from retrikt_ray.stages.student import LENGTH_GROUP_BATCHES, length_grouped
+
+    rng = np.random.default_rng(0)
+    token_counts = rng.integers(5, 60, size=1000)
+    shuffled = list(rng.permutation(1000))
+    batch = 8
+    grouped = length_grouped(shuffled, token_counts, batch, np.random.default_rng(1))
+    assert sorted(grouped) == sorted(shuffled) and len(grouped) == len(shuffled)
+    batches = [grouped[i : i + batch] for i in range(0, 1000, batch)]
+    size = LENGTH_GROUP_BATCHES * batch
+    groups = [set(shuffled[start : start + size]) for start in range(0, 1000, size)]
+    for rows in batches:  # each batch: rows of one group, longest first
+        assert any(set(rows) <= group for group in groups)
+        assert list(token_counts[rows]) == sorted(token_counts[rows], reverse=True)
+    # the batches do not run from long to short over the epoch
+    longest = [token_counts[rows].max() for rows in batches]
+    assert abs(np.corrcoef(np.arange(len(longest)), longest)[0, 1]) < 0.3
+    assert grouped != length_grouped(shuffled, token_counts, batch, np.random.default_rng(2))
+
+    def padded(order):
+        return sum(token_counts[order[i : i + batch]].max() * len(order[i : i + batch]) for i in range(0, 1000, batch))
+
+    assert padded(grouped) < 0.8 * padded(shuffled)

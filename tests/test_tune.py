@@ -72,7 +72,10 @@ def test_trials_share_the_stages_before_the_first_swept_one():
     assert shared_stages(["student.lr", "student.epochs"]) == ["prompt", "ppo", "generate", "unlabelled", "store"]
     assert shared_stages(["generate.samples_per_label"]) == ["prompt", "ppo"]
     assert shared_stages(["prompt.lr"]) == []
-    assert shared_stages(["resources.num_workers"]) == list(pipeline.STAGE_NAMES)
+    # The world size is in every training stage's hash, from the first (prompt) on; where the work runs is in none.
+    assert shared_stages(["resources.num_workers"]) == []
+    assert shared_stages(["resources.generation_replicas", "resources.cpus_per_worker"]) == list(pipeline.STAGE_NAMES)
+    assert shared_stages(["generate.batch_size", "storage.runs_dir", "serve.port"]) == list(pipeline.STAGE_NAMES)
 
 
 def test_concurrency_follows_resources():

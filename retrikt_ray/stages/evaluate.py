@@ -10,11 +10,8 @@ import numpy as np
 from ..artifacts import StageResult, StageRun
 from ..config import TEACHER_CLASSIFIER, JobSpec
 from ..metrics import accuracy, macro_f1, ms_per_example, teacher_agreement
+from ..stage_contract import Stage
 from ..tasks import load_dev
-
-NAME = "evaluate"
-INPUTS = ("student",)
-CONFIG_KEYS = ("task", "data.dev_file", "data.dev_limit", *TEACHER_CLASSIFIER, "evaluate")
 
 
 def run(spec: JobSpec, stage: StageRun) -> StageResult:
@@ -30,7 +27,9 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
     settings = spec.evaluate
     task, dev = load_dev(spec)
     gold = np.array([example.label for example in dev])
-    student = RetrievalStudent.load(stage.inputs["student"] / "model")
+    student = RetrievalStudent.load(
+        stage.inputs["student"] / "model", spec.student.trust_remote_code, spec.student.dtype
+    )
     store = KnowledgeStore.load(stage.inputs["student"] / "store")
     predictions = predict_examples(task, student, store, dev, settings.batch_size)
 
@@ -84,3 +83,12 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
     return StageResult(
         metrics=metrics, counts={"dev_examples": len(dev)}, summary=summary + f" on {len(dev)} dev examples"
     )
+
+
+STAGE = Stage(
+    name="evaluate",
+    run=run,
+    inputs=("student",),
+    reads=("task", "data.dev_file", "data.dev_limit", *TEACHER_CLASSIFIER, "evaluate"),
+    files=("dev",),
+)

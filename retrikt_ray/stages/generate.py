@@ -22,11 +22,8 @@ import numpy as np
 from ..artifacts import StageResult, StageRun, write_parquet_atomic
 from ..config import JobSpec
 from ..samples import ANNOTATION_SHARDS, annotate, pool_options, replica_threads, save_samples, spread_work
+from ..stage_contract import EMBEDDING_ONLY, Stage, worker_spec
 from ..tasks import Task
-
-NAME = "generate"
-INPUTS = ("ppo",)
-CONFIG_KEYS = ("task", "teacher", "student.model", "student.max_length", "generate")
 
 
 def generation_rows(spec: JobSpec, task: Task) -> list[dict]:
@@ -58,7 +55,7 @@ class Generator:
 
         from ..teacher import Teacher
 
-        self.spec = JobSpec.model_validate(spec_json)
+        self.spec = worker_spec(spec_json)
         if threads:
             torch.set_num_threads(threads)
         self.teacher = Teacher.from_spec(self.spec, Task.from_spec(self.spec.task))
@@ -184,6 +181,15 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
     )
 
 
+STAGE = Stage(
+    name="generate",
+    run=run,
+    inputs=("ppo",),
+    reads=("task", "teacher", "student.model", "student.max_length", "student.trust_remote_code", "generate"),
+    ignores=EMBEDDING_ONLY,
+)
+
+
 def filter_samples(spec: JobSpec, task: Task, generated) -> tuple:
     """Parse, length bounds, exact and near duplicates. Returns (kept frame, Counter of drop reasons).
 
@@ -227,7 +233,7 @@ def near_duplicate_mask(spec: JobSpec, frame) -> np.ndarray:
     keep = np.ones(len(frame), dtype=bool)
     if len(frame) == 0:
         return keep
-    student = RetrievalStudent.from_spec(spec.student, 2)
+    student = RetrievalStudent.from_spec(spec.student, 2, dtype="float32")
     embeddings = student.embed_all([(text, None) for text in frame["text"]], progress=True)
     for label in np.unique(frame["label"]):
         index = faiss.IndexFlatIP(embeddings.shape[1])

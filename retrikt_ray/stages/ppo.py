@@ -15,7 +15,9 @@ stage-1 prompt, the stage passes on the stage-1 prompt and says so (`ppo.keep_st
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,23 +25,13 @@ import torch
 from ..artifacts import StageResult, StageRun
 from ..config import TEACHER_CLASSIFIER, JobSpec
 from ..metrics import accuracy, clearly_above_majority, majority_share
+from ..stage_contract import EMBEDDING_ONLY, Stage
 from ..tasks import load_few_shot
+from ..training import LoopState
 
-NAME = "ppo"
-INPUTS = ("prompt",)
-CONFIG_KEYS = (
-    "task",
-    "data.train_file",
-    "data.shots",
-    "data.seed",
-    *TEACHER_CLASSIFIER,
-    "student.model",
-    "student.max_length",
-    "generate.min_words",
-    "generate.max_words",
-    "ppo",
-    "deepspeed",
-)
+if TYPE_CHECKING:
+    from ..rl import MemoryBank
+
 # log p_C is floored so that a valid but off-label sample never scores below a malformed one.
 CONSISTENCY_FLOOR = 1e-2
 # Seeds of the fixed draws that measure a prompt, apart from every rollout seed (1_000_003 * update + ...).
@@ -75,6 +67,29 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
             f"{describe_teacher_on_labelled(metrics)}"
         ),
     )
+
+
+STAGE = Stage(
+    name="ppo",
+    run=run,
+    inputs=("prompt",),
+    reads=(
+        "task",
+        "data.train_file",
+        "data.shots",
+        "data.seed",
+        *TEACHER_CLASSIFIER,
+        "student.model",
+        "student.max_length",
+        "student.trust_remote_code",
+        "generate.min_words",
+        "generate.max_words",
+        "ppo",
+    ),
+    files=("train",),
+    trains=True,
+    ignores=EMBEDDING_ONLY,
+)
 
 
 def keeps_stage1_prompt(before: dict[str, float], after: dict[str, float], spec: JobSpec) -> bool:
@@ -259,6 +274,17 @@ def rollout_summary(scores: list[dict], texts: list[str], kl: float) -> dict[str
     }
 
 
+@dataclass
+class PPOLoop(LoopState):
+    """PPO's state between updates, besides the engine's: the reward's memory bank, the stage-1 prompt's measure
+    on the fixed draws (rank 0's; None on the others), the summary of every update, and the texts drawn."""
+
+    bank: MemoryBank
+    before: dict[str, float] | None = None
+    history: list[dict] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+
+
 def train_loop(config: dict) -> None:
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -275,7 +301,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(spec.data.seed + rank)
     task, few_shot = load_few_shot(spec)
     teacher = Teacher.from_spec(spec, task, device=device)
-    encoder = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
+    encoder = RetrievalStudent.from_spec(spec.student, task.student_num_labels, dtype="float32")
     raw_labelled = teacher.classify_raw(few_shot, spec.teacher.classify_batch_size)
     reference_mean = calibration_reference(spec, raw_labelled, teacher)
     labelled = teacher_on_labelled(
@@ -317,18 +343,14 @@ def train_loop(config: dict) -> None:
         """Rank 0 measures the prompt; the others get None."""
         return measure_prompt(teacher, rewards, prompt) if rank == 0 else None
 
-    history, seen, start = [], set(), 0
+    state, start = PPOLoop(bank=rewards.bank), 0
     resumed = checkpoints.restore()
     if resumed is not None:
-        history, seen, rewards.bank, start = (
-            resumed["history"],
-            resumed["seen"],
-            resumed["bank"],
-            checkpoints.resumed_from,
-        )
-        before = resumed["before"]
+        state.load_state_dict(resumed)  # the bank in place: the reward model's
+        start = checkpoints.resumed_from
     else:
-        before = measure(reference_prompt)
+        state.before = measure(reference_prompt)
+    before = state.before
     if before is not None:
         print(
             f"[ppo] {describe_stage1_draws(before, settings.eval_samples_per_label * task.num_labels, spec)}",
@@ -337,7 +359,7 @@ def train_loop(config: dict) -> None:
     bar = tqdm(total=settings.updates, initial=start, desc="ppo", disable=rank != 0)
     for update in range(start, settings.updates):
         groups, scores, texts = collect(update)
-        seen.update(texts)
+        state.seen.update(texts)
         batches, kls = [], []
         with torch.no_grad():
             for samples, score in zip(groups, scores):
@@ -375,15 +397,11 @@ def train_loop(config: dict) -> None:
             "policy_loss": float(np.mean(policy_losses)),
             "value_loss": float(np.mean(value_losses)),
         }
-        history.append(entry)
+        state.history.append(entry)
         bar.update(1)
         bar.set_postfix(reward=f"{entry['reward']:.2f}", consistency=f"{entry['consistency_rate']:.2f}")
         if checkpoints.due(update + 1):
-            checkpoints.save(
-                update + 1,
-                {"history": history, "seen": seen, "bank": rewards.bank, "before": before},
-                {"reward": entry["reward"]},
-            )
+            checkpoints.save(update + 1, state.state_dict(), {"reward": entry["reward"]})
     bar.close()
     with optimiser.gathered():
         after = measure(policy.soft_prompt)
@@ -401,7 +419,7 @@ def train_loop(config: dict) -> None:
 
     report_outputs(
         {
-            "history": history,
+            "history": state.history,
             "before": before,
             "after": after,
             "rollouts": settings.updates * per_label * task.num_labels * world,
@@ -413,7 +431,7 @@ def train_loop(config: dict) -> None:
         },
         write,
         optimiser,
-        seen,
+        state.seen,
     )
 
 

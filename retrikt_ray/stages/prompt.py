@@ -9,26 +9,16 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..artifacts import StageResult, StageRun
 from ..config import JobSpec
+from ..stage_contract import Stage
 from ..tasks import load_few_shot
-
-NAME = "prompt"
-INPUTS: tuple[str, ...] = ()
-CONFIG_KEYS = (
-    "task",
-    "data.train_file",
-    "data.shots",
-    "data.seed",
-    "teacher.model",
-    "teacher.dtype",
-    "prompt",
-    "deepspeed",
-)
+from ..training import LoopState
 
 
 def run(spec: JobSpec, stage: StageRun) -> StageResult:
@@ -43,6 +33,24 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         if losses
         else "soft prompt initialised (0 epochs)",
     )
+
+
+STAGE = Stage(
+    name="prompt",
+    run=run,
+    reads=(
+        "task",
+        "data.train_file",
+        "data.shots",
+        "data.seed",
+        "teacher.model",
+        "teacher.dtype",
+        "teacher.trust_remote_code",
+        "prompt",
+    ),
+    files=("train",),
+    trains=True,
+)
 
 
 def training_items(task, examples, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -69,6 +77,19 @@ def collate(items, pad_id: int, device) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": attention.to(device)}
 
 
+@dataclass
+class PromptLoop(LoopState):
+    """The prompt-tuning loop's state between steps, besides the engine's: this rank's share of the examples in
+    its current order and the generator that shuffles it every epoch, the loss of each finished epoch and of the
+    running one, and the examples seen."""
+
+    mine: list[int]
+    order: random.Random
+    losses: list[float] = field(default_factory=list)
+    epoch_loss: float = 0.0
+    seen: set[int] = field(default_factory=set)
+
+
 def train_loop(config: dict) -> None:
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
     from safetensors.torch import save_file
@@ -84,7 +105,7 @@ def train_loop(config: dict) -> None:
     settings = spec.prompt
     torch.manual_seed(spec.data.seed)
     task, few_shot = load_few_shot(spec)
-    dtype = load_dtype(spec.teacher.dtype, device, training=spec.deepspeed_for(NAME).precision)
+    dtype = load_dtype(spec.teacher.dtype, device, training=spec.deepspeed_for(STAGE.name).precision)
     model, tokenizer = load_teacher(spec.teacher.model, spec.storage.cache_dir, dtype, spec.teacher.trust_remote_code)
     peft_config = PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM,
@@ -100,40 +121,32 @@ def train_loop(config: dict) -> None:
     batch_size = optimiser.micro_batch_size
 
     items = training_items(task, few_shot, tokenizer, settings.max_length)
-    mine = shard(list(range(len(items))), rank, world)
     # Every rank takes the same number of steps, or the gradient all-reduce would wait forever.
     steps = math.ceil(len(few_shot) / (batch_size * world))
-    order = random.Random(spec.data.seed + rank)
-    losses, epoch_loss, seen, position = [], 0.0, set(), 0
+    state = PromptLoop(mine=shard(list(range(len(items))), rank, world), order=random.Random(spec.data.seed + rank))
+    position = 0
     resumed = checkpoints.restore()
     if resumed is not None:
-        mine, losses, epoch_loss, seen, position = (
-            resumed["mine"],
-            resumed["losses"],
-            resumed["epoch_loss"],
-            resumed["seen"],
-            checkpoints.resumed_from,
-        )
-        order.setstate(resumed["order"])
+        state.load_state_dict(resumed)
+        position = checkpoints.resumed_from
     bar = tqdm(total=settings.epochs * steps, initial=position, desc="prompt tuning", disable=rank != 0)
     while position < settings.epochs * steps:
         step = position % steps
         if step == 0:
-            order.shuffle(mine)
-            epoch_loss = 0.0
-        chosen = [mine[(step * batch_size + i) % len(mine)] for i in range(batch_size)]
-        seen.update(chosen)
+            state.order.shuffle(state.mine)
+            state.epoch_loss = 0.0
+        chosen = [state.mine[(step * batch_size + i) % len(state.mine)] for i in range(batch_size)]
+        state.seen.update(chosen)
         loss = optimiser.model(**collate([items[i] for i in chosen], tokenizer.pad_token_id, device)).loss
         optimiser.step(loss)
-        epoch_loss += loss.item() / steps
+        state.epoch_loss += loss.item() / steps
         position += 1
         if position % steps == 0:
-            losses.append(epoch_loss)
+            state.losses.append(state.epoch_loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if checkpoints.due(position):
-            state = {"mine": mine, "losses": losses, "epoch_loss": epoch_loss, "seen": seen, "order": order.getstate()}
-            checkpoints.save(position, state, {"loss": loss.item()})
+            checkpoints.save(position, state.state_dict(), {"loss": loss.item()})
     bar.close()
 
     def write(folder: Path) -> None:
@@ -142,9 +155,9 @@ def train_loop(config: dict) -> None:
         model.save_pretrained(str(folder / "adapter"))
 
     metrics = {
-        "loss_per_epoch": losses,
+        "loss_per_epoch": state.losses,
         "examples": len(few_shot),
         "steps": position,
         "resumed_from_step": checkpoints.resumed_from,
     }
-    report_outputs(metrics, write, optimiser, seen)
+    report_outputs(metrics, write, optimiser, state.seen)

@@ -14,11 +14,8 @@ import numpy as np
 from ..artifacts import StageResult, StageRun
 from ..config import JobSpec
 from ..samples import read_samples
+from ..stage_contract import EMBEDDING_ONLY, Stage
 from ..tasks import Example, Task
-
-NAME = "store"
-INPUTS = ("generate", "unlabelled")
-CONFIG_KEYS = ("task", "student.model", "student.max_length", "student.trust_remote_code", "store")
 
 
 def store_rows(task: Task, samples) -> dict:
@@ -75,7 +72,7 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         raise SpecError(
             "generate: no sample survived filtering, the store would be empty (see the generate manifest's counts)"
         )
-    student = RetrievalStudent.from_spec(spec.student, task.student_num_labels)
+    student = RetrievalStudent.from_spec(spec.student, task.student_num_labels, dtype="float32")
     keys = student.embed_all(rows["inputs"], batch_size=spec.store.encode_batch_size, progress=True)
     store = KnowledgeStore(keys=keys, encoder_fingerprint=encoder_fingerprint(student.encoder), **rows)
     settings = spec.store
@@ -93,3 +90,12 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         summary=f"{len(rows['inputs'])} rows ({int(samples['unlabelled'].sum())} examples from unlabelled texts), "
         f"{store.index_kind} index, dim {keys.shape[1]}",
     )
+
+
+STAGE = Stage(
+    name="store",
+    run=run,
+    inputs=("generate", "unlabelled"),
+    reads=("task", "student.model", "student.max_length", "student.trust_remote_code", "store"),
+    ignores=EMBEDDING_ONLY,
+)

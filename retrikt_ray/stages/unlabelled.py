@@ -25,11 +25,8 @@ import numpy as np
 from ..artifacts import StageResult, StageRun
 from ..config import JobSpec
 from ..samples import ANNOTATION_SHARDS, annotate, save_samples
+from ..stage_contract import Stage
 from ..tasks import Example, Task, data_files
-
-NAME = "unlabelled"
-INPUTS = ()
-CONFIG_KEYS = ("task", "data.train_file", "data.dev_file", "data.shots", "data.seed", "teacher", "unlabelled")
 
 
 def draw_texts(spec: JobSpec, task: Task) -> tuple[list[Example], Counter, int]:
@@ -99,3 +96,11 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
         counts=counts,
         summary=f"{len(annotated)} texts labelled by the teacher (skipped: {reasons or 'none'}){short}",
     )
+
+
+STAGE = Stage(
+    name="unlabelled",
+    run=run,
+    reads=("task", "data.train_file", "data.dev_file", "data.shots", "data.seed", "teacher", "unlabelled"),
+    files=("train", "dev", "unlabelled"),
+)
