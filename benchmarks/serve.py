@@ -295,7 +295,7 @@ def student_bound(run_dir: Path, spec, task, examples) -> dict:
     student = RetrievalStudent.load(run_dir / "student" / "model", spec.student.trust_remote_code, "float32")
     config = student.encoder.config
     rows = [row for example in examples for row in task.student_inputs(example)]
-    lengths = np.array([len(feature["input_ids"]) for feature in student._tokenize(rows)], dtype=np.float64)
+    lengths = np.array([len(feature["input_ids"]) for feature in student.token_ids(rows)], dtype=np.float64)
     embeddings = sum(
         module.weight.numel() for module in student.encoder.modules() if isinstance(module, torch.nn.Embedding)
     )

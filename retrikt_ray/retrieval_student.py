@@ -129,7 +129,7 @@ class RetrievalStudent(torch.nn.Module):
         """The fast path: embeddings of all inputs (N, hidden) float32 as `encode` gives them, without
         gradient, in eval mode: the encoder's weights in the student's dtype, inputs of similar length
         batched together, and for a BERT the packed forward (no padding outside attention)."""
-        features = self._tokenize(inputs)
+        features = self.token_ids(inputs)
         order = np.argsort([len(feature["input_ids"]) for feature in features], kind="stable")
         z = torch.zeros(len(inputs), self.encoder.config.hidden_size, device=self.device)
         with _eval_mode(self), torch.no_grad():
@@ -150,7 +150,7 @@ class RetrievalStudent(torch.nn.Module):
         """`embed` as a float32 numpy array (N, hidden)."""
         return self.embed(inputs, batch_size, progress).cpu().numpy().astype(np.float32, copy=False)
 
-    def _tokenize(self, inputs: list[tuple[str, str | None]]) -> list[dict]:
+    def token_ids(self, inputs: list[tuple[str, str | None]]) -> list[dict]:
         """Each input's token ids (truncated, unpadded), in input order; singles and pairs tokenized apart."""
         features: list[dict] = [{}] * len(inputs)
         for with_pairs in (False, True):

@@ -111,42 +111,24 @@ def test_relative_data_paths_resolve_against_the_spec(tmp_path):
 
 def test_stage_hashes_change_only_downstream_of_the_change(tmp_path):
     base = JobSpec(name="h")
-    changed = base.model_copy(deep=True)
-    changed.student.lr = 1e-4
     before = {stage.name: stage.stage_hash for stage in plan(base, tmp_path)}
-    after = {stage.name: stage.stage_hash for stage in plan(changed, tmp_path)}
-    assert [name for name in before if before[name] != after[name]] == ["student", "evaluate"]
-    regenerated = base.model_copy(deep=True)
-    regenerated.generate.samples_per_label = 7
-    after = {stage.name: stage.stage_hash for stage in plan(regenerated, tmp_path)}
-    assert [name for name in before if before[name] != after[name]] == ["generate", "store", "student", "evaluate"]
-    sharper = base.model_copy(deep=True)
-    sharper.teacher.soft_label_temperature = 0.5
-    after = {stage.name: stage.stage_hash for stage in plan(sharper, tmp_path)}
-    assert [name for name in before if before[name] != after[name]] == [
-        "generate",
-        "unlabelled",
-        "store",
-        "student",
-        "evaluate",
-    ]
-    in_domain = base.model_copy(deep=True)
-    in_domain.unlabelled.samples = 100
-    after = {stage.name: stage.stage_hash for stage in plan(in_domain, tmp_path)}
-    assert [name for name in before if before[name] != after[name]] == ["unlabelled", "store", "student", "evaluate"]
+
+    def rerun(section: str, field: str, value) -> list[str]:
+        """The stages whose hash a change of section.field gives another value."""
+        changed = base.model_copy(deep=True)
+        setattr(getattr(changed, section), field, value)
+        after = {stage.name: stage.stage_hash for stage in plan(changed, tmp_path)}
+        return [name for name in before if before[name] != after[name]]
+
+    assert rerun("student", "lr", 1e-4) == ["student", "evaluate"]
+    assert rerun("generate", "samples_per_label", 7) == ["generate", "store", "student", "evaluate"]
+    assert rerun("teacher", "soft_label_temperature", 0.5) == ["generate", "unlabelled", "store", "student", "evaluate"]
+    assert rerun("unlabelled", "samples", 100) == ["unlabelled", "store", "student", "evaluate"]
     # The world size sets a training stage's global batch and each worker's share of the data: the training
     # stages rerun, and the stages downstream of them (not unlabelled, which reads none of their outputs).
+    assert rerun("resources", "num_workers", 4) == ["prompt", "ppo", "generate", "store", "student", "evaluate"]
     wider = base.model_copy(deep=True)
     wider.resources.num_workers = 4
-    after = {stage.name: stage.stage_hash for stage in plan(wider, tmp_path)}
-    assert [name for name in before if before[name] != after[name]] == [
-        "prompt",
-        "ppo",
-        "generate",
-        "store",
-        "student",
-        "evaluate",
-    ]
     assert wider.spec_hash() != base.spec_hash()  # another run folder
     # Where and how fast the work runs, where runs are kept, how they are served, and batch sizes that change
     # speed only (config.NOT_RESULTS): no stage reruns, and the run folder is the same.

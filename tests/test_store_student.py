@@ -534,7 +534,7 @@ def test_the_packed_forward_equals_hf_on_pairs_and_singles(tokenizer):
     student = tiny_student(tokenizer)
     assert supports(student.encoder)
     student.eval()
-    features = student._tokenize(TEXTS)
+    features = student.token_ids(TEXTS)
     batch = tokenizer.pad(features, return_tensors="pt")
     with torch.no_grad():
         expected = student._pooled(student.encoder, batch)

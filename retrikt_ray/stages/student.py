@@ -201,7 +201,7 @@ def train_loop(config: dict) -> None:
     )
     generator = np.random.default_rng(settings.seed)
     token_counts = (
-        np.array([len(feature["input_ids"]) for feature in student._tokenize(store.inputs)])
+        np.array([len(feature["input_ids"]) for feature in student.token_ids(store.inputs)])
         if settings.length_grouped_batches
         else None
     )
