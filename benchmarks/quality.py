@@ -298,18 +298,27 @@ def plot_store_size(table: dict, fractions: list[float], task: str, path: Path) 
     plt.close(figure)
 
 
-def plot_ppo(histories: dict[str, list[dict]], path: Path) -> None:
-    """Reward terms and label consistency per PPO update, one line per run."""
+PPO_PLOT_KEYS = ("reward", "consistency_term", "diversity_term", "penalty_term", "consistency_rate", "distinct_2")
+
+
+def plot_ppo(histories: dict[str, list[dict]], path: Path, keys: tuple[str, ...] = PPO_PLOT_KEYS) -> None:
+    """`keys` of the PPO history (reward terms, label consistency) per update, one line per run; an update
+    that lacks a key is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ("reward", "consistency_term", "diversity_term", "penalty_term", "consistency_rate", "distinct_2")
-    figure, axes = plt.subplots(2, 3, figsize=(12, 6))
+    columns = (len(keys) + 1) // 2
+    figure, axes = plt.subplots(2, columns, figsize=(4 * columns, 6))
     for axis, key in zip(axes.flat, keys):
         for name, history in histories.items():
-            axis.plot([entry["update"] for entry in history], [entry[key] for entry in history], marker="o", label=name)
+            axis.plot(
+                [entry["update"] for entry in history],
+                [entry.get(key, np.nan) for entry in history],
+                marker="o",
+                label=name,
+            )
         axis.set_title(key)
         axis.set_xlabel("PPO update")
     axes.flat[0].legend(fontsize=6)
@@ -349,8 +358,6 @@ def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int
 
     from retrikt_ray.artifacts import read_manifest
     from retrikt_ray.pipeline import run
-    from retrikt_ray.rl import distinct_n
-    from retrikt_ray.samples import read_samples
     from retrikt_ray.tasks import load_dev, load_few_shot
 
     specs = variant_specs(profile, profile_name, task_name, seed, runs_dir)
@@ -445,19 +452,27 @@ def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int
         pools = {"after_ppo": full_dir}
         if "no_ppo" in specs:
             pools["stage1_prompt"] = run(specs["no_ppo"], log=print)
-        extra["generated_pool"] = {}
-        for name, run_dir in pools.items():
-            manifest = read_manifest(run_dir / "generate")
-            texts = [json.dumps(fields) for fields in read_samples(run_dir / "generate")["fields"]]
-            extra["generated_pool"][name] = {
-                "generated": manifest["counts"]["generated"],
-                "kept": manifest["counts"]["kept"],
-                "teacher_agreement": manifest["metrics"]["teacher_agreement"],
-                "distinct_2": distinct_n(texts, 2),
-            }
+        extra["generated_pool"] = {name: generated_pool(run_dir) for name, run_dir in pools.items()}
         cells.extras[key] = extra
         if cells.write_hook:
             cells.write_hook()
+
+
+def generated_pool(run_dir: Path) -> dict:
+    """A finished run's generated pool: samples generated and kept, the share of the kept ones whose teacher
+    label is the label they were generated for (label consistency), and their distinct-2."""
+    from retrikt_ray.artifacts import read_manifest
+    from retrikt_ray.rl import distinct_n
+    from retrikt_ray.samples import read_samples
+
+    manifest = read_manifest(run_dir / "generate")
+    texts = [json.dumps(fields) for fields in read_samples(run_dir / "generate")["fields"]]
+    return {
+        "generated": manifest["counts"]["generated"],
+        "kept": manifest["counts"]["kept"],
+        "teacher_agreement": manifest["metrics"]["teacher_agreement"],
+        "distinct_2": distinct_n(texts, 2),
+    }
 
 
 def tuned_prompt_accuracy(

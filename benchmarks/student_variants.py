@@ -17,33 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from math import comb
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def mcnemar_exact(only_first: int, only_second: int) -> float:
-    """Two-sided exact McNemar p-value: the discordant rows as a binomial(n, 1/2) draw."""
-    discordant = only_first + only_second
-    if discordant == 0:
-        return 1.0
-    tail = sum(comb(discordant, i) for i in range(min(only_first, only_second) + 1)) / 2**discordant
-    return min(1.0, 2 * tail)
-
-
-def paired(baseline: np.ndarray, variant: np.ndarray) -> dict:
-    """Rows only the baseline gets right, only the variant gets right, and the McNemar p-value."""
-    only_baseline, only_variant = int((baseline & ~variant).sum()), int((~baseline & variant).sum())
-    return {
-        "only_baseline_right": only_baseline,
-        "only_variant_right": only_variant,
-        "p_value": mcnemar_exact(only_baseline, only_variant),
-    }
+from retrikt_ray.metrics import paired  # noqa: E402
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -85,9 +86,12 @@ def run(
     from .artifacts import is_uri, run_dir_for, run_location
     from .console import quiet
 
-    with quiet(run_dir_for(spec) / RUN_LOG, verbose, "retrikt run") as output:
-        _say_where_the_log_is(output)
-        run_dir = run_pipeline(spec, only=stage, force=force, log=output.echo)
+    try:
+        with quiet(run_dir_for(spec) / RUN_LOG, verbose, "retrikt run") as output:
+            _say_where_the_log_is(output)
+            run_dir = run_pipeline(spec, only=stage, force=force, log=output.echo)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (ray_session): Ray is shut down by now
+        _say_it_was_stopped(stop)
     typer.echo(
         f"run directory: {run_dir}" + (f" (kept at {run_location(spec)})" if is_uri(spec.storage.runs_dir) else "")
     )
@@ -121,11 +125,16 @@ def serve(
     config_out: Annotated[
         Path | None, typer.Option(help="Write a Serve config file (serve deploy, RayService) and exit")
     ] = None,
-    reload_store: Annotated[
-        bool, typer.Option("--reload-store", help="Make the running server load its store again, and exit")
+    reload: Annotated[
+        bool,
+        typer.Option(
+            "--reload",
+            "--reload-store",
+            help="Make the running server load the run's current version (student and store), and exit",
+        ),
     ] = False,
 ) -> None:
-    """Serve a run's student + store over HTTP on Ray Serve until Ctrl-C (API: docs/serving.md, /openapi.json)."""
+    """Serve a run's student + store over HTTP on Ray Serve until Ctrl-C or SIGTERM (API: docs/serving.md)."""
     import yaml
 
     from . import serve as serving
@@ -136,14 +145,77 @@ def serve(
     if config_out is not None:
         config_out.write_text(yaml.safe_dump(serving.serve_config(run_dir, host, port), sort_keys=False))
         typer.echo(f"wrote {config_out} (serve deploy {config_out})")
-    elif reload_store:
-        reloaded = serving.request_store_reload(run_dir, host, port)
+    elif reload:
+        reloaded = serving.request_reload(run_dir, host, port)
         typer.echo(
-            f"{reloaded['run']}: store {reloaded['previous_version']} -> {reloaded['store_version']} "
-            f"({reloaded['rows']} rows)"
+            f"{reloaded['run']}: {reloaded['previous']} -> {reloaded['version']}, store {reloaded['previous_version']}"
+            f" -> {reloaded['store_version']} ({reloaded['rows']} rows)"
         )
     else:
         serving.serve_until_interrupted(run_dir, host, port, address, log=typer.echo)
+
+
+@app.command()
+@user_errors
+def grow(
+    run_dir: RunDirArg,
+    texts: Annotated[
+        Path | None, typer.Option(help="In-domain inputs in the task's format (jsonl, tsv or csv; labels not needed)")
+    ] = None,
+    from_traffic: Annotated[
+        bool, typer.Option(help="Use the inputs the endpoint captured (serve.capture) instead of --texts")
+    ] = False,
+    limit: Annotated[int | None, typer.Option(min=1, help="Most texts to add (default: all that qualify)")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the order in which texts are drawn up to --limit")] = 0,
+    retrain: Annotated[
+        bool, typer.Option(help="Retrain the student on the grown store (--no-retrain: only append rows)")
+    ] = True,
+    min_words: Annotated[
+        int | None, typer.Option(min=1, help="Skip shorter texts (default: the spec's unlabelled.min_words)")
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Label new texts with the teacher and make a new version of the run's model (student + store)."""
+    from .console import quiet
+    from .grow import describe_version, read_texts
+    from .grow import grow as grow_run
+
+    run_dir = _local_run(run_dir)
+    candidates, source = read_texts(run_dir, texts, from_traffic)  # a bad file is one line before anything runs
+    with quiet(run_dir / RUN_LOG, verbose, "retrikt grow") as output:
+        _say_where_the_log_is(output)
+        version = grow_run(run_dir, candidates, source, limit, seed, retrain, min_words, log=output.echo)
+    typer.echo(describe_version(version))
+    typer.echo(f"current version: {version.name}; a running server follows with: retrikt serve {run_dir} --reload")
+
+
+@app.command()
+@user_errors
+def versions(run_dir: RunDirArg) -> None:
+    """A run's model versions (retrikt grow makes them), with their counts and dev metrics; * marks the current."""
+    from .grow import describe_version
+    from .versions import all_versions, current_name, load_run_spec
+
+    run_dir = _local_run(run_dir)
+    load_run_spec(run_dir)
+    chosen = current_name(run_dir)
+    for version in all_versions(run_dir):
+        typer.echo(f"{'*' if version.name == chosen else ' '} {describe_version(version)}")
+
+
+@app.command()
+@user_errors
+def use(
+    run_dir: RunDirArg, version: Annotated[str, typer.Argument(help="A version that retrikt versions lists")]
+) -> None:
+    """Make a version the current one (a rollback); a running server follows on `retrikt serve --reload`."""
+    from .versions import load_run_spec
+    from .versions import use as use_version
+
+    run_dir = _local_run(run_dir)
+    load_run_spec(run_dir)
+    use_version(run_dir, version)
+    typer.echo(f"current version: {version}; a running server follows with: retrikt serve {run_dir} --reload")
 
 
 @app.command()
@@ -278,9 +350,12 @@ def tune(
     settings = tuning.load_sweep(sweep)
     typer.echo(validate_spec(spec))
     folder = tuning.sweep_dir_for(tuning.sweep_job(spec, settings), settings)
-    with quiet(folder / TUNE_LOG, verbose, "retrikt tune") as output:
-        _say_where_the_log_is(output)
-        outcome = tuning.tune_job(spec, settings, log=output.echo)
+    try:
+        with quiet(folder / TUNE_LOG, verbose, "retrikt tune") as output:
+            _say_where_the_log_is(output)
+            outcome = tuning.tune_job(spec, settings, log=output.echo)
+    except KeyboardInterrupt as stop:  # SIGTERM too (ray_session); Tune answers a Ctrl-C during its trials itself
+        _say_it_was_stopped(stop)
     typer.echo((outcome["dir"] / "results.md").read_text())
     if outcome["best"] is None:
         typer.echo(f"error: no trial finished; see {outcome['dir']}", err=True)
@@ -295,6 +370,15 @@ def tune(
 def _say_where_the_log_is(output) -> None:
     if output.log_path is not None:
         output.echo(f"log: {output.log_path} (Ray's, DeepSpeed's and the libraries' own output; --verbose shows it)")
+
+
+def _say_it_was_stopped(stop: KeyboardInterrupt) -> None:
+    """One line on stderr and the shell's exit code for the signal (130 SIGINT, 143 SIGTERM)."""
+    from .ray_session import signal_name
+
+    name = signal_name(stop)
+    typer.echo(f"error: stopped by {name}; finished stages are kept, and running it again resumes", err=True)
+    raise typer.Exit(128 + getattr(signal, name))
 
 
 def _say_where_it_is_tracked(spec) -> None:

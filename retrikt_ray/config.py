@@ -6,6 +6,7 @@ can print one line and exit 2.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -237,6 +238,28 @@ class PPOSpec(DeepSpeedOption):
         "when the final prompt's mean reward on the fixed draws is "
         "lower than the stage-1 prompt's (PPO made things worse, e.g. its steps broke the form of a long template)",
     )
+    student_reward: Literal["off", "learnability", "usefulness", "targeted"] = Field(
+        "off",
+        description="A reward term from a small student that PPO keeps up to date: the student encoder, frozen, "
+        "with a linear head refitted after every update on the memory bank's samples and their teacher soft labels "
+        "(docs/method.md). learnability: the head already predicts the sample's soft label, times the sample's "
+        "novelty against the bank; usefulness: the sample, added to a kNN store of the bank, raises the probability "
+        "retrieval gives the labelled examples' gold labels; targeted: the sample's soft label points the way the "
+        "head's errors on nearby labelled examples point. off: the reward without it",
+    )
+    student_reward_weight: float = Field(1.0, ge=0, description="Weight of the student term in the reward")
+    student_reward_tau: float = Field(
+        0.05, gt=0, description="Temperature of the similarity weights to the labelled examples (usefulness, targeted)"
+    )
+    student_head_steps: int = Field(
+        20, ge=1, description="L-BFGS iterations that refit the student head on the bank after every update"
+    )
+    student_label_temperature: float = Field(
+        1.0,
+        gt=0,
+        description="Temperature of the teacher soft labels the student head learns from and is scored against, as "
+        "teacher.soft_label_temperature is for the store's (below 1 sharpens them)",
+    )
 
 
 class GenerateSpec(Section):
@@ -428,6 +451,21 @@ class StorageSpec(Section):
     )
 
 
+class CaptureSpec(Section):
+    """What `retrikt serve` keeps of `/v1/classify` traffic for `retrikt grow --from-traffic` (off by default).
+    Only the inputs' fields and the prediction's label and confidence are kept, never headers or tokens, in
+    Parquet files under `<run>/traffic/`, one per predicted batch."""
+
+    enabled: bool = Field(False, description="Keep the inputs of /v1/classify requests")
+    max_rows: int = Field(100_000, ge=1, description="Most inputs kept; the oldest are dropped (and counted) beyond")
+    max_confidence: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Keep only inputs whose predicted label's probability is at most this (1: every input)",
+    )
+
+
 class ServeSpec(Section):
     """`retrikt serve`: the HTTP endpoint of student + store on Ray Serve. Not part of any content hash."""
 
@@ -457,6 +495,9 @@ class ServeSpec(Section):
     token_file: str | None = Field(None, description="File holding the bearer token; wins over token_env")
     token_env: str | None = Field(
         "RETRIKT_SERVE_TOKEN", description="Environment variable holding the bearer token (when token_file is unset)"
+    )
+    capture: CaptureSpec = Field(
+        default_factory=CaptureSpec, description="Traffic capture for `retrikt grow --from-traffic` (below)"
     )
 
     @model_validator(mode="after")
@@ -574,6 +615,29 @@ NOT_RESULTS: dict[str, str] = {
 }
 
 
+# Fields added to a section that stages hash after runs were made without them, each at a default that gives
+# those runs' results. At its default such a field is left out of every hash, so those runs keep their hashes
+# and their finished stages are reused; set to anything else, it is hashed as usual. Never change such a
+# field's default: runs made at the old default would then be taken for runs at the new one.
+HASHED_WHEN_SET = (
+    "ppo.student_reward",
+    "ppo.student_reward_weight",
+    "ppo.student_reward_tau",
+    "ppo.student_head_steps",
+    "ppo.student_label_temperature",
+)
+
+
+@functools.cache
+def _default(path: str) -> Any:
+    return JobSpec().lookup(path)
+
+
+def at_unhashed_default(path: str, value: Any) -> bool:
+    """Whether the field at `path` is one of HASHED_WHEN_SET left at its default (then no hash covers it)."""
+    return path in HASHED_WHEN_SET and value == _default(path)
+
+
 def not_results(path: str) -> str | None:
     """Why the field at `path` (or the section holding it) changes no result; None when it may."""
     for excluded, reason in NOT_RESULTS.items():
@@ -583,13 +647,14 @@ def not_results(path: str) -> str | None:
 
 
 def results_only(path: str, value: Any) -> Any:
-    """The dumped value at `path` ("" for the whole spec) less the NOT_RESULTS fields under it."""
+    """The dumped value at `path` ("" for the whole spec) less the NOT_RESULTS fields under it and the
+    HASHED_WHEN_SET fields at their defaults."""
     if not isinstance(value, dict):
         return value
     kept = {}
     for key, item in value.items():
         child = f"{path}.{key}" if path else key
-        if not_results(child) is None:
+        if not_results(child) is None and not at_unhashed_default(child, item):
             kept[key] = results_only(child, item)
     return kept
 

@@ -63,9 +63,17 @@ def reference() -> str:
     for name, field in JobSpec.model_fields.items():
         if not _is_section(field.annotation):
             continue
-        model = field.annotation
-        lines += [f"## `{name}`", "", (model.__doc__ or "").strip(), "", *section_rows(model), ""]
+        lines += section_text(name, field.annotation, "##")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def section_text(path: str, model: type[BaseModel], heading: str) -> list[str]:
+    """A section's heading, docstring and rows, then each section nested in it (`serve.capture`) the same way."""
+    lines = [f"{heading} `{path}`", "", (model.__doc__ or "").strip(), "", *section_rows(model), ""]
+    for name, field in model.model_fields.items():
+        if _is_section(field.annotation):
+            lines += section_text(f"{path}.{name}", field.annotation, heading + "#")
+    return lines
 
 
 def section_rows_subset(model: type[BaseModel], names: list[str]) -> list[str]:

@@ -184,6 +184,34 @@ class KnowledgeStore:
         store.build_index(**self._index_options)
         return store
 
+    def appended(self, rows: KnowledgeStore) -> KnowledgeStore:
+        """These rows, then `rows` (keys from the same encoder), with an index rebuilt with the same options;
+        the new rows' example ids follow this store's."""
+        if rows.encoder_fingerprint != self.encoder_fingerprint:
+            raise ValueError(
+                f"the new rows' keys come from encoder {rows.encoder_fingerprint}, this store's from "
+                f"{self.encoder_fingerprint}"
+            )
+        if (rows.teacher_states is None) != (self.teacher_states is None):
+            raise ValueError("the new rows and the store do not both hold teacher states")
+        first_id = int(self.example_ids.max()) + 1 if len(self) else 0
+        store = KnowledgeStore(
+            inputs=self.inputs + rows.inputs,
+            labels=np.concatenate([self.labels, rows.labels]),
+            soft_labels=np.concatenate([self.soft_labels, rows.soft_labels]),
+            keys=np.concatenate([self.keys, rows.keys]),
+            teacher_states=None
+            if self.teacher_states is None
+            else np.concatenate([self.teacher_states, rows.teacher_states]),
+            encoder_fingerprint=self.encoder_fingerprint,
+            example_ids=np.concatenate([self.example_ids, rows.example_ids - rows.example_ids.min() + first_id])
+            if len(rows)
+            else self.example_ids,
+            index_kind=self.index_kind,
+        )
+        store.build_index(**self._index_options)
+        return store
+
     # ---------------------------------------------------------------------------------- on disk
     def save(self, folder) -> None:
         folder = Path(folder)

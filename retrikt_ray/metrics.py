@@ -1,6 +1,6 @@
 """Scores of predicted distributions against gold labels, shared by the stages that measure (evaluate,
-student, ppo) and the benchmarks: accuracy, macro-F1, the majority-label guesser, agreement with the
-teacher, and CPU latency per example."""
+student, ppo), `retrikt grow` and the benchmarks: accuracy, macro-F1, the majority-label guesser, agreement with
+the teacher, the exact McNemar test of two classifiers on the same rows, and CPU latency per example."""
 
 from __future__ import annotations
 
@@ -43,6 +43,27 @@ def teacher_agreement(predictions) -> float | None:
     if "p_teacher" not in predictions:
         return None
     return float((np.stack(predictions["p_teacher"]).argmax(axis=1) == predictions["predicted"]).mean())
+
+
+def mcnemar_exact(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar p-value: the discordant rows as a binomial(n, 1/2) draw."""
+    discordant = only_first + only_second
+    if discordant == 0:
+        return 1.0
+    tail = sum(math.comb(discordant, i) for i in range(min(only_first, only_second) + 1)) / 2**discordant
+    return min(1.0, 2 * tail)
+
+
+def paired(baseline_right: np.ndarray, variant_right: np.ndarray) -> dict:
+    """Rows only the baseline gets right, only the variant gets right, and the exact McNemar p-value."""
+    baseline_right, variant_right = np.asarray(baseline_right, bool), np.asarray(variant_right, bool)
+    only_baseline = int((baseline_right & ~variant_right).sum())
+    only_variant = int((~baseline_right & variant_right).sum())
+    return {
+        "only_baseline_right": only_baseline,
+        "only_variant_right": only_variant,
+        "p_value": mcnemar_exact(only_baseline, only_variant),
+    }
 
 
 def ms_per_example(predict_one, examples, count: int) -> float:

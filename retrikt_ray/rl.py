@@ -187,3 +187,165 @@ def diversity_reward(
         if keep:
             bank.add(label, embeddings[i : i + 1])
     return rewards
+
+
+# ------------------------------------------------------------------------- the student-friendly reward term
+# L2 penalty on the PPO student head's weights when it is refitted: keeps its probabilities from growing
+# overconfident on the few hundred rows of the bank.
+HEAD_L2 = 1e-3
+# Probabilities are floored here before a logarithm, as the student's KD loss floors them.
+STUDENT_PROB_FLOOR = 1e-8
+
+
+class StudentHead:
+    """The small student PPO keeps up to date (`ppo.student_reward`): a linear softmax head on frozen student
+    embeddings, refitted after every update on the student rows of the last `size` accepted samples per label
+    (the memory bank's samples), each with the teacher's soft label. Its state (the rows and the head) is part of
+    the PPO loop's checkpointed state."""
+
+    def __init__(self, dim: int, classes: int, num_labels: int, size: int):
+        self.linear = torch.nn.Linear(dim, classes)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+        # One entry per accepted sample: (its rows' embeddings (r, dim), their soft labels (r, classes)).
+        self.samples: list[deque[tuple[torch.Tensor, torch.Tensor]]] = [deque(maxlen=size) for _ in range(num_labels)]
+
+    def probs(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """`(n, classes)` softmax of the head on `embeddings` `(n, dim)`; uniform before the first refit."""
+        with torch.no_grad():
+            return torch.softmax(self.linear(embeddings.float()), dim=-1)
+
+    def add(self, label: int, embeddings: torch.Tensor, soft_labels: torch.Tensor) -> None:
+        """Remember one accepted sample of `label`: its rows' embeddings and soft labels (the oldest of a full
+        label drops out)."""
+        self.samples[label].append((embeddings.detach().float().clone(), soft_labels.detach().float().clone()))
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every remembered row, labels in order: embeddings `(R, dim)` and soft labels `(R, classes)`."""
+        entries = [entry for bank in self.samples for entry in bank]
+        if not entries:
+            dim, classes = self.linear.in_features, self.linear.out_features
+            return torch.zeros(0, dim), torch.zeros(0, classes)
+        return torch.cat([z for z, _ in entries]), torch.cat([q for _, q in entries])
+
+    def refit(self, steps: int, l2: float = HEAD_L2) -> None:
+        """`steps` L-BFGS iterations from the current head on `mean_r CE(q_r, softmax(W z_r + b)) + l2 / 2 * |W|^2`
+        over the remembered rows (the KD loss up to a constant); nothing while no row is remembered."""
+        z, q = self.rows()
+        if z.shape[0] == 0:
+            return
+        parameters = list(self.linear.parameters())
+        optimiser = torch.optim.LBFGS(parameters, max_iter=steps, history_size=10, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimiser.zero_grad()
+            log_p = torch.log_softmax(self.linear(z), dim=-1)
+            loss = -(q * log_p).sum(dim=-1).mean() + 0.5 * l2 * self.linear.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimiser.step(closure)
+        for parameter in parameters:
+            parameter.grad = None
+
+    def state_dict(self) -> dict:
+        return {
+            "head": {name: tensor.detach().clone() for name, tensor in self.linear.state_dict().items()},
+            "samples": [list(bank) for bank in self.samples],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """The saved head and rows, in place: each label keeps its size."""
+        self.linear.load_state_dict(state["head"])
+        for bank, saved in zip(self.samples, state["samples"], strict=True):
+            bank.clear()
+            bank.extend(saved)
+
+
+def per_sample_mean(values: torch.Tensor, owner: torch.Tensor, count: int) -> torch.Tensor:
+    """`(count,)` mean of the row values `(R,)` of each sample, `owner[r]` being row r's sample; 0 without rows."""
+    sums = torch.zeros(count, dtype=values.dtype).index_add_(0, owner, values)
+    rows = torch.zeros(count, dtype=values.dtype).index_add_(0, owner, torch.ones_like(values))
+    return sums / rows.clamp(min=1.0)
+
+
+def agreement(soft_labels: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """`(R,)` `exp(-KL(q || p))` per row: 1 when the head's `p` is the teacher's soft label `q`, towards 0 as
+    they part (`p` floored at 1e-8, `0 log 0 = 0`)."""
+    q, p = soft_labels.double(), probs.double()
+    kl = (torch.xlogy(q, q) - q * torch.log(p.clamp_min(STUDENT_PROB_FLOOR))).sum(dim=-1)
+    return torch.exp(-kl)
+
+
+def learnability(
+    soft_labels: torch.Tensor, probs: torch.Tensor, owner: torch.Tensor, novelty: torch.Tensor
+) -> torch.Tensor:
+    """`(n,)` learnability of each sample: `novelty_i * mean_{r of i} exp(-KL(q_r || p_head(z_r)))`.
+
+    The head already predicting the teacher's soft label on a sample it has not seen means the teacher's label
+    there is one the student can learn (PromptKD's student-friendly knowledge); `novelty` (1 - max cos to the
+    label's memory bank) keeps PPO from earning it with copies of samples the student has learnt already.
+    """
+    return per_sample_mean(agreement(soft_labels, probs), owner, len(novelty)) * novelty.double()
+
+
+def targeted(
+    embeddings: torch.Tensor,
+    soft_labels: torch.Tensor,
+    owner: torch.Tensor,
+    count: int,
+    labelled: torch.Tensor,
+    targets: torch.Tensor,
+    labelled_probs: torch.Tensor,
+    tau: float,
+) -> torch.Tensor:
+    """`(count,)` how far each sample's soft label goes where the current head errs on the labelled examples:
+    `mean_{r of i} sum_g k_rg <q_r, onehot(t_g) - p_head(z_g)>`, `k_rg = softmax_g(cos(z_r, z_g) / tau)`.
+
+    `onehot(t_g) - p_head(z_g)` is the head's error on labelled row g: positive for the gold class it
+    under-predicts, negative for the classes it over-predicts. A sample whose soft label points the way those
+    errors point, near them, scores up to 1; one that would deepen an error scores down to -1 (S3's samples
+    from the student's errors, with the sign of the teacher's label).
+    """
+    similarity = F.normalize(embeddings.double(), dim=-1) @ F.normalize(labelled.double(), dim=-1).T
+    weights = torch.softmax(similarity / tau, dim=-1)  # (R, G)
+    residual = F.one_hot(targets.long(), labelled_probs.shape[1]).double() - labelled_probs.double()
+    per_row = ((weights @ residual) * soft_labels.double()).sum(dim=-1)
+    return per_sample_mean(per_row, owner, count)
+
+
+def usefulness(
+    embeddings: torch.Tensor,
+    soft_labels: torch.Tensor,
+    owner: torch.Tensor,
+    count: int,
+    bank: torch.Tensor,
+    bank_soft_labels: torch.Tensor,
+    labelled: torch.Tensor,
+    targets: torch.Tensor,
+    tau: float,
+) -> torch.Tensor:
+    """`(count,)` how much adding each sample's rows to a kNN store of the bank raises the probability retrieval
+    gives the labelled rows' gold targets: `sum_g [p'_ret(t_g | z_g) - p_ret(t_g | z_g)]`, the gain in the
+    expected number of labelled rows that retrieval labels right (the smooth form of its accuracy).
+
+    `p_ret(. | z_g) = sum_j w_gj q_j` over the bank's rows plus one virtual row at cosine 0 with the uniform
+    label (so an empty bank retrieves the uniform distribution), `w_gj = softmax_j(cos(z_g, z_j) / tau)`;
+    `p'_ret` is the same with the sample's rows added. Each sample is scored alone against the same bank.
+    """
+    classes = soft_labels.shape[1]
+    unit = F.normalize(labelled.double(), dim=-1)
+    to_bank = unit @ F.normalize(bank.double(), dim=-1).T / tau if bank.shape[0] else unit.new_zeros(len(unit), 0)
+    to_rows = unit @ F.normalize(embeddings.double(), dim=-1).T / tau  # (G, R)
+    shift = torch.cat([to_bank, to_rows, unit.new_zeros(len(unit), 1)], dim=1).max(dim=1, keepdim=True).values
+    prior = torch.exp(-shift).squeeze(1)  # the virtual row's weight, exp(0 / tau - shift)
+    bank_weights, row_weights = torch.exp(to_bank - shift), torch.exp(to_rows - shift)
+    gold_of_bank = bank_soft_labels.double().T[targets.long()]  # (G, R_bank): q_j(t_g)
+    gold_of_rows = soft_labels.double().T[targets.long()]  # (G, R)
+    norm = prior + bank_weights.sum(dim=1)
+    gold = prior / classes + (bank_weights * gold_of_bank).sum(dim=1)
+    added_norm = torch.zeros(len(unit), count, dtype=torch.float64).index_add_(1, owner, row_weights)
+    added_gold = torch.zeros(len(unit), count, dtype=torch.float64).index_add_(1, owner, row_weights * gold_of_rows)
+    gain = (gold[:, None] + added_gold) / (norm[:, None] + added_norm) - (gold / norm)[:, None]
+    return gain.sum(dim=0)

@@ -15,7 +15,7 @@ import numpy as np
 from .artifacts import write_parquet_atomic
 from .config import JobSpec
 from .stage_contract import worker_spec
-from .tasks import Task
+from .tasks import Example, Task
 
 SAMPLES = "samples.parquet"
 # Annotated chunks of ANNOTATION_CHUNK samples, kept until the stage's SAMPLES file is written.
@@ -148,3 +148,33 @@ def read_samples(stage_dir: Path):
     import pandas as pd
 
     return pd.read_parquet(Path(stage_dir) / SAMPLES)
+
+
+def store_rows(task: Task, samples) -> dict:
+    """Student rows of the annotated samples: inputs, labels, soft labels, h_T, source example id."""
+    inputs, labels, soft, states, example_ids = [], [], [], [], []
+    for example_id, (fields, label, soft_label, state) in enumerate(
+        zip(samples["fields"], samples["label"], samples["soft_label"], samples["teacher_state"])
+    ):
+        example = Example(fields=json.loads(fields), label=int(label))
+        rows = task.student_inputs(example)
+        targets = task.row_targets(example)
+        soft_label = np.asarray(soft_label, dtype=np.float32)
+        for row, (row_input, target) in enumerate(zip(rows, targets)):
+            inputs.append(row_input)
+            labels.append(target)
+            # choice tasks: the soft label of "alternative i is right" is the teacher's p(i).
+            soft.append(
+                soft_label
+                if task.kind == "classification"
+                else np.array([1 - soft_label[row], soft_label[row]], np.float32)
+            )
+            states.append(np.asarray(state, dtype=np.float32))
+            example_ids.append(example_id)
+    return {
+        "inputs": inputs,
+        "labels": np.array(labels, dtype=np.int64),
+        "soft_labels": np.stack(soft) if soft else np.zeros((0, task.student_num_labels), np.float32),
+        "teacher_states": np.stack(states) if states else None,
+        "example_ids": np.array(example_ids, dtype=np.int64),
+    }

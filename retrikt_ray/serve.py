@@ -3,20 +3,25 @@ local prediction without a server.
 
 One Serve application of two deployments:
 - `Ingress` (FastAPI, one replica): the bearer token, the request limits (413), the input checks
-  (422), and the routes `/healthz`, `/v1/info`, `/v1/classify`, `/v1/admin/reload-store`, `/openapi.json`.
-- `StudentStore` (autoscaled): the run's `student/model` and `student/store`; it batches requests with
-  `@serve.batch` and predicts with `predict_examples`, the function evaluation uses.
+  (422), and the routes `/healthz`, `/v1/info`, `/v1/classify`, `/v1/admin/reload` (also at its older
+  path `/v1/admin/reload-store`), `/openapi.json`.
+- `StudentStore` (autoscaled): the run's current version (versions.py: v0 is `student/model` and
+  `student/store`, `retrikt grow` adds more), its student and store always together; it batches
+  requests with `@serve.batch`, predicts with `predict_examples`, the function evaluation uses, and
+  with `serve.capture` keeps the inputs it predicted (capture.py).
 
-Store reloads: the admin route asks one StudentStore replica to load `student/store` again, then
-stamps every later request with the time of that reload. A replica that receives a stamp later than
-its last reload loads the store before predicting that batch, and a batch already running keeps the
-store it started with: in-flight requests finish on the old version, later ones use the new one, and
-none fails.
+Reloads: the admin route asks one StudentStore replica to load the current version again (student and
+store, or only the store when the version is the same and its store changed on disk), then stamps every
+later request with the time of that reload. A replica that receives a stamp later than its last reload
+loads the version before predicting that batch, and a batch already running keeps the student and store
+it started with: in-flight requests finish on the old version, later ones use the new one, none fails,
+and every answer names the version it used.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations in the replica,
 # where Serve's pickled copy of the Ingress class does not see this module's names.
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -39,11 +44,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .artifacts import read_manifest
-from .config import JobSpec, ServeSpec, SpecError, load_spec
+from . import versions
+from .capture import TrafficWriter
+from .config import ServeSpec, SpecError
 from .knowledge_store import KnowledgeStore
 from .retrieval_student import RetrievalStudent, encoder_fingerprint, predict_examples, predict_neighbors
 from .tasks import Example, Task, normalise
+from .versions import load_run_spec
 
 APP_NAME = "retrikt"
 INGRESS = "Ingress"
@@ -54,20 +61,9 @@ logger = logging.getLogger("ray.serve")  # Serve writes this logger to the repli
 
 
 # ------------------------------------------------------------------------------------ a finished run
-def load_run_spec(run_dir) -> JobSpec:
-    """The job spec of a run whose student stage has finished (its model and store are what is served)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "job.yaml").is_file():
-        raise SpecError(f"{run_dir}: not a run directory (no job.yaml)")
-    manifest = read_manifest(run_dir / "student")
-    if not manifest or manifest.get("status") != "done":
-        raise SpecError(f"{run_dir}: the student stage has not finished, there is nothing to serve")
-    return load_spec(run_dir / "job.yaml")
-
-
 def store_folder(run_dir) -> Path:
-    """The store whose keys match the trained student: the one that is served (and reloaded)."""
-    return Path(run_dir) / "student" / "store"
+    """The store whose keys match the current version's student: the one that is served (and reloaded)."""
+    return versions.current(run_dir).store_dir
 
 
 class Predictor:
@@ -80,6 +76,7 @@ class Predictor:
         store: KnowledgeStore,
         batch_size: int,
         fingerprint: str | None = None,
+        version: str = versions.ORIGINAL,
     ):
         self.fingerprint = fingerprint or encoder_fingerprint(student.encoder)
         if store.encoder_fingerprint != self.fingerprint:
@@ -94,22 +91,22 @@ class Predictor:
         self.store = store
         self.store_version = store.version
         self.batch_size = batch_size
+        self.version = version
 
     @classmethod
-    def load(cls, run_dir) -> "Predictor":
-        """The run's student and store, predicting in batches of evaluate.batch_size like evaluation."""
+    def load(cls, run_dir, version: str | None = None) -> "Predictor":
+        """A version's student and store (default: the run's current version), predicting in batches of
+        evaluate.batch_size like evaluation."""
         spec = load_run_spec(run_dir)
-        student = RetrievalStudent.load(
-            Path(run_dir) / "student" / "model", spec.student.trust_remote_code, spec.student.dtype
-        )
+        chosen = versions.get(run_dir, version) if version else versions.current(run_dir)
+        student = RetrievalStudent.load(chosen.model_dir, spec.student.trust_remote_code, spec.student.dtype)
         student.embed([("warm-up", None)])  # makes the weights' copy in the compute dtype before the first request
-        return cls(
-            Task.from_spec(spec.task), student, KnowledgeStore.load(store_folder(run_dir)), spec.evaluate.batch_size
-        )
+        store = KnowledgeStore.load(chosen.store_dir)
+        return cls(Task.from_spec(spec.task), student, store, spec.evaluate.batch_size, version=chosen.name)
 
     def with_store(self, store: KnowledgeStore) -> "Predictor":
         """The same student with another store; ValueError when its keys do not come from this student."""
-        return Predictor(self.task, self.student, store, self.batch_size, self.fingerprint)
+        return Predictor(self.task, self.student, store, self.batch_size, self.fingerprint, self.version)
 
     def results(self, examples: list[Example], neighbors: list[bool]) -> list[dict]:
         """Per example: its label, the probability of every label and, where asked, its neighbours."""
@@ -193,12 +190,13 @@ class Result(BaseModel):
 
 class ClassifyResponse(BaseModel):
     results: list[Result] = Field(description="One per input, in order")
-    store_version: str = Field(description="Version of the store these predictions used")
+    version: str = Field(description="Version of the run's model (student + store) that answered: v0, v1, ...")
+    store_version: str = Field(description="Content hash of the store these predictions used")
 
 
 class StoreInfo(BaseModel):
     rows: int
-    version: str
+    version: str = Field(description="Content hash of the store")
     index: str = Field(description="FAISS index kind")
 
 
@@ -206,6 +204,7 @@ class Info(BaseModel):
     run: str
     task: str
     kind: str = Field(description="classification or choice")
+    version: str = Field(description="Version of the run's model being served (retrikt versions lists them)")
     labels: list[str]
     input_fields: list[str] = Field(description="Fields of an input object")
     models: dict[str, str] = Field(description="Student and teacher model ids, and the trained encoder's fingerprint")
@@ -215,8 +214,10 @@ class Info(BaseModel):
 
 class Reloaded(BaseModel):
     run: str
-    store_version: str
-    previous_version: str
+    version: str = Field(description="Version of the run's model served from now on")
+    previous: str = Field(description="Version served before")
+    store_version: str = Field(description="Content hash of the store served from now on")
+    previous_version: str = Field(description="Content hash of the store served before")
     rows: int
 
 
@@ -342,9 +343,13 @@ class StudentStore:
     def __init__(self, run_dir: str):
         self.run_dir = Path(run_dir)
         self.predictor = Predictor.load(self.run_dir)
-        self.reloaded_at = 0  # stamp of the latest store reload this replica has followed (ns since the epoch)
+        self.reloaded_at = 0  # stamp of the latest reload this replica has followed (ns since the epoch)
         self._reload_lock = asyncio.Lock()
         settings = load_run_spec(self.run_dir).serve
+        capture = settings.capture
+        self.traffic = (
+            TrafficWriter(self.run_dir, capture.max_rows, capture.max_confidence) if capture.enabled else None
+        )
         self.classify_batch.set_max_batch_size(settings.batch_max_size)
         self.classify_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
@@ -360,25 +365,46 @@ class StudentStore:
         neighbors = [request["neighbors"] for request in requests for _ in request["examples"]]
         # In a thread, so that the replica keeps answering reloads and health checks meanwhile.
         results = await asyncio.to_thread(predictor.results, examples, neighbors)
+        if self.traffic is not None:
+            await asyncio.to_thread(self._capture, examples, results, predictor.version)
         answers, start = [], 0
         for request in requests:
             end = start + len(request["examples"])
-            answers.append({"results": results[start:end], "store_version": predictor.store_version})
+            answers.append(
+                {
+                    "results": results[start:end],
+                    "version": predictor.version,
+                    "store_version": predictor.store_version,
+                }
+            )
             start = end
         return answers
 
-    async def reload_store(self, reloaded_at: int) -> dict:
-        """Load student/store again (the admin route); {"error": ...} when it cannot be served."""
+    def _capture(self, examples: list[Example], results: list[dict], version: str) -> None:
+        try:
+            self.traffic.append(
+                [example.fields for example in examples],
+                [result["label"] for result in results],
+                [result["probabilities"][result["label"]] for result in results],
+                version,
+            )
+        except OSError as error:  # capture must never fail a request
+            logger.warning("traffic not captured: %s", error)
+
+    async def reload(self, reloaded_at: int) -> dict:
+        """Load the current version again (the admin route); {"error": ...} when it cannot be served."""
         async with self._reload_lock:
-            previous = self.predictor.store_version
+            previous, previous_store = self.predictor.version, self.predictor.store_version
             try:
-                self.predictor = await asyncio.to_thread(self._load_store)
-            except (OSError, ValueError, KeyError) as error:
+                self.predictor = await asyncio.to_thread(self._load_current)
+            except (OSError, ValueError, KeyError, SpecError) as error:
                 return {"error": str(error)}
             self.reloaded_at = max(self.reloaded_at, reloaded_at)
             return {
+                "version": self.predictor.version,
+                "previous": previous,
                 "store_version": self.predictor.store_version,
-                "previous_version": previous,
+                "previous_version": previous_store,
                 "rows": len(self.predictor.store),
             }
 
@@ -390,17 +416,21 @@ class StudentStore:
             if reloaded_at <= self.reloaded_at:
                 return
             try:
-                self.predictor = await asyncio.to_thread(self._load_store)
-            except (OSError, ValueError, KeyError) as error:
-                logger.warning("store not reloaded, still serving version %s: %s", self.predictor.store_version, error)
+                self.predictor = await asyncio.to_thread(self._load_current)
+            except (OSError, ValueError, KeyError, SpecError) as error:
+                logger.warning("not reloaded, still serving version %s: %s", self.predictor.version, error)
             # Followed even when the load failed: one warning per reload, not one per batch.
             self.reloaded_at = reloaded_at
 
-    def _load_store(self) -> Predictor:
-        folder = store_folder(self.run_dir)
-        if KnowledgeStore.saved_version(folder) == self.predictor.store_version:
+    def _load_current(self) -> Predictor:
+        """The current version: a new student and store, or the same student with its store read again when
+        the version is the same and its store changed on disk."""
+        version = versions.current(self.run_dir)
+        if version.name != self.predictor.version:
+            return Predictor.load(self.run_dir, version.name)
+        if KnowledgeStore.saved_version(version.store_dir) == self.predictor.store_version:
             return self.predictor
-        return self.predictor.with_store(KnowledgeStore.load(folder))
+        return self.predictor.with_store(KnowledgeStore.load(version.store_dir))
 
     def info(self) -> dict:
         store = self.predictor.store
@@ -409,6 +439,7 @@ class StudentStore:
             "version": self.predictor.store_version,
             "index": store.index_kind,
             "encoder": self.predictor.fingerprint,
+            "model_version": self.predictor.version,
         }
 
 
@@ -449,13 +480,15 @@ class Ingress:
             response_model_exclude_none=True,
             responses={413: {"description": "Over serve.max_inputs_per_request or serve.max_chars_per_input"}},
         )
-        guarded.add_api_route(
-            "/v1/admin/reload-store",
-            self.reload_store,
-            methods=["POST"],
-            response_model=Reloaded,
-            responses={409: {"description": "The store on disk cannot be served; the old one stays"}},
-        )
+        for path in ("/v1/admin/reload", "/v1/admin/reload-store"):
+            guarded.add_api_route(
+                path,
+                self.reload,
+                methods=["POST"],
+                response_model=Reloaded,
+                responses={409: {"description": "The current version cannot be served; the old one stays"}},
+                include_in_schema=path == "/v1/admin/reload",
+            )
         guarded.add_api_route(
             "/openapi.json", api.openapi, methods=["GET"], response_model=None, include_in_schema=False
         )
@@ -479,6 +512,7 @@ class Ingress:
         return {
             "run": self.run,
             "task": self.task.name,
+            "version": store["model_version"],
             "kind": self.task.kind,
             "labels": self.task.label_names,
             "input_fields": self.task.input_fields,
@@ -509,13 +543,14 @@ class Ingress:
             {"examples": examples, "neighbors": request.return_neighbors, "reloaded_at": self.reloaded_at}
         )
 
-    async def reload_store(self) -> dict:
-        """Load the run's student/store again; requests after this answer use it, none fails meanwhile."""
+    async def reload(self) -> dict:
+        """Load the run's current version (student and store) again; requests after this answer use it, none
+        fails meanwhile."""
         async with self._reload_lock:
             stamp = max(time.time_ns(), self.reloaded_at + 1)
-            outcome = await self.student_store.reload_store.remote(stamp)
+            outcome = await self.student_store.reload.remote(stamp)
             if "error" in outcome:
-                raise HTTPException(409, f"store not reloaded: {outcome['error']}")
+                raise HTTPException(409, f"not reloaded: {outcome['error']}")
             self.reloaded_at = stamp
         return {"run": self.run, **outcome}
 
@@ -581,29 +616,34 @@ def start(run_dir, host: str, port: int) -> str:
 
 
 def serve_until_interrupted(run_dir, host: str, port: int, address: str | None, log=print) -> None:
-    """`retrikt serve`: start Ray (local, or join `address`), serve the run until Ctrl-C, then remove it."""
-    from .ray_session import ray_session
+    """`retrikt serve`: start Ray (local, or join `address`), serve the run until Ctrl-C or SIGTERM, then remove
+    it; a local Ray it started is shut down with all its processes (ray_session)."""
+    from ray.serve.exceptions import RayServeException
+
+    from .ray_session import ray_session, signal_name
 
     spec = load_run_spec(run_dir)
     check_exposure(host, read_token(spec.serve))  # before Ray starts
     spec.resources.address = address or spec.resources.address
-    with ray_session(spec):
-        url = start(run_dir, host, port)
-        log(f"serving {run_dir} at {url} (schema: {url}/openapi.json); Ctrl-C stops")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            log("stopping")
-        finally:
-            serve.delete(APP_NAME)
+    try:
+        with ray_session(spec):  # SIGTERM raises KeyboardInterrupt in it, as Ctrl-C does
+            try:
+                url = start(run_dir, host, port)
+                log(f"serving {run_dir} at {url} (schema: {url}/openapi.json); Ctrl-C stops")
+                while True:
+                    time.sleep(3600)
+            finally:
+                with contextlib.suppress(RayServeException):  # stopped before Serve started
+                    serve.delete(APP_NAME)
+    except KeyboardInterrupt as stop:
+        log(f"stopped ({signal_name(stop)})")
 
 
-def request_store_reload(run_dir, host: str, port: int, timeout: float = 600) -> dict:
-    """`retrikt serve --reload-store`: ask the server on host:port to load its store again."""
+def request_reload(run_dir, host: str, port: int, timeout: float = 600) -> dict:
+    """`retrikt serve --reload`: ask the server on host:port to load the run's current version."""
     token = read_token(load_run_spec(run_dir).serve)
     connect = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    url = f"http://{connect}:{port}/v1/admin/reload-store"
+    url = f"http://{connect}:{port}/v1/admin/reload"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         with urllib.request.urlopen(

@@ -19,13 +19,19 @@ import json
 import random
 import re
 import string
+import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .config import JobSpec, SpecError, TaskSpec
 
 DATA_DIR = Path(__file__).parent / "data"
+# What reading a damaged .gz raises: not gzip at all or a bad CRC, cut short, damaged compressed data.
+UNREADABLE_GZIP = (gzip.BadGzipFile, EOFError, zlib.error)
 
 _ENTAILMENT_TEMPLATE = '{premise}\nQuestion: Does this imply that "{hypothesis}"? %s'
 
@@ -287,22 +293,25 @@ class Task:
         train, dev = _PACKAGED_FILES[self.name]
         return str(DATA_DIR / self.name / train), str(DATA_DIR / self.name / dev)
 
-    def load(self, path: str | Path, labelled: bool = True) -> list[Example]:
+    def load(self, path: str | Path, labelled: bool = True, file_format: str | None = None) -> list[Example]:
         """Read a jsonl, tsv or csv file (optionally .gz, UTF-8 with or without a byte-order mark) into examples;
         a bad row raises `path:line: ...`. A tsv or csv file's first line is its header, unless `task.columns`
         names the columns. With `labelled` False the label field is not needed, and ignored where present
-        (labels -1)."""
+        (labels -1). `file_format` reads a file in another format than the task's (task.columns then do not
+        apply)."""
         path = str(path)
         if not Path(path).is_file():
             raise SpecError(f"{path}: file not found")
+        file_format = file_format or self.spec.format
         needed = self._input_fields + ([self.spec.label_field] if labelled else [])
-        table = dict(needed=needed, names=self.spec.columns, label_values=self.spec.label_values)
+        names = self.spec.columns if file_format == self.spec.format else None
+        table = dict(needed=needed, names=names, label_values=self.spec.label_values)
         examples = []
         try:
             with _open_text(path) as handle:
-                if self.spec.format == "jsonl":
+                if file_format == "jsonl":
                     rows = _jsonl_rows(handle, path)
-                elif self.spec.format == "tsv":
+                elif file_format == "tsv":
                     # QUOTE_NONE: GLUE tsv files hold bare quote characters inside sentences
                     rows = _table_rows(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), path, **table)
                 else:
@@ -311,7 +320,7 @@ class Task:
                     examples.append(self._example(record, f"{path}:{line}", labelled))
         except UnicodeDecodeError as error:
             raise SpecError(f"{path}: not UTF-8 text ({error.reason})") from None
-        except (gzip.BadGzipFile, EOFError) as error:
+        except UNREADABLE_GZIP as error:
             raise SpecError(f"{path}: not a readable gzip file ({error})") from None
         if not examples:
             raise SpecError(f"{path}: no examples")
@@ -424,6 +433,14 @@ class Task:
         if self.kind == "choice":
             return [int(index == example.label) for index in range(len(self.choice_fields))]
         return [example.label]
+
+    def row_soft_labels(self, soft_label: np.ndarray) -> np.ndarray:
+        """Soft label of each student row (rows, student_num_labels) from an example's soft label: the soft label
+        itself, or for a choice task each alternative's (1 - q(i), q(i)), the soft label of "it is the right one"."""
+        soft_label = np.asarray(soft_label, dtype=np.float32)
+        if self.kind == "classification":
+            return soft_label[None, :]
+        return np.array([[1 - soft_label[row], soft_label[row]] for row in range(len(self.choice_fields))], np.float32)
 
     @property
     def student_num_labels(self) -> int:
@@ -546,3 +563,52 @@ def load_dev(spec: JobSpec) -> tuple[Task, list[Example]]:
     """The task and its evaluation examples (the first data.dev_limit when set)."""
     task = Task.from_spec(spec.task)
     return task, task.load(dev_file(spec, task))[: spec.data.dev_limit]
+
+
+def read_text_lines(path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file (optionally .gz), UTF-8 with or without a byte-order mark."""
+    try:
+        with _open_text(str(path)) as handle:
+            for number, line in enumerate(handle, 1):
+                yield number, line.rstrip("\r\n")
+    except UnicodeDecodeError as error:
+        raise SpecError(f"{path}: not UTF-8 text ({error.reason})") from None
+    except UNREADABLE_GZIP as error:
+        raise SpecError(f"{path}: not a readable gzip file ({error})") from None
+
+
+def text_key(example: Example) -> str:
+    """What makes two inputs the same text: their fields, case aside."""
+    return json.dumps({name: value.lower() for name, value in example.fields.items()}, sort_keys=True)
+
+
+def screen_texts(
+    task: Task, texts: list[Example], excluded: dict[str, list[Example]], min_words: int
+) -> tuple[list[Example], Counter]:
+    """The texts worth labelling, in order: a text equal to one of `excluded`'s examples is skipped under that
+    reason (e.g. in_dev_set), then repeats (`duplicate`) and texts under `min_words` words (`too_short`).
+    Returns (eligible, Counter of skip reasons)."""
+    excluded_keys = {reason: {text_key(example) for example in examples} for reason, examples in excluded.items()}
+    skipped: Counter = Counter()
+    eligible, seen = [], set()
+    for example in texts:
+        key = text_key(example)
+        reason = next((reason for reason, keys in excluded_keys.items() if key in keys), None)
+        if reason is not None:
+            skipped[reason] += 1
+        elif key in seen:
+            skipped["duplicate"] += 1
+        elif len(" ".join(example.fields[field] for field in task.input_fields).split()) < min_words:
+            skipped["too_short"] += 1
+        else:
+            seen.add(key)
+            eligible.append(example)
+    return eligible, skipped
+
+
+def draw(examples: list, count: int | None, seed: int) -> list:
+    """`count` of the examples (all when None), drawn with `seed`, in their original order."""
+    if count is None or count >= len(examples):
+        return list(examples)
+    order = np.random.default_rng(seed).permutation(len(examples))[:count]
+    return [examples[index] for index in np.sort(order)]

@@ -213,7 +213,10 @@ class LoopState:
         return {name: _saved(value) for name, value in self._fields()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Every saved field; a field the state lacks (a checkpoint made before the field existed) keeps its value."""
         for name, value in self._fields():
+            if name not in state:
+                continue
             if hasattr(value, "load_state_dict"):
                 value.load_state_dict(state[name])
             else:

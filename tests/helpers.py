@@ -1,8 +1,11 @@
 """Helpers the test files share (fixtures are in conftest.py): the tests' local Ray, the tiny job spec, a copy of
-the shared tiny run to reuse, a logged pipeline run, a stage's manifest, and the real `retrikt` command in-process."""
+the shared tiny run to reuse, a logged pipeline run, a stage's manifest, the real `retrikt` command in-process, and
+whether the processes a command started are still running."""
 
+import contextlib
 import json
 import shutil
+import time
 
 from typer.testing import CliRunner
 
@@ -57,6 +60,8 @@ def tiny_spec(tiny_models, runs_dir, task="sst2", **changes) -> JobSpec:
             "evaluate": {"latency_examples": 3},
             "resources": {"cpus_per_worker": 1, "cpus_per_replica": 0.5},
             "storage": {"runs_dir": str(runs_dir)},
+            # MLflow costs every pipeline run 1-3 s; test_tracking.py turns it on where tracking is the subject.
+            "tracking": {"enabled": False},
         }
     )
     for path, value in changes.items():
@@ -90,3 +95,28 @@ def manifest(run_dir, stage):
 
 def cli(*args, env=None):
     return CliRunner().invoke(app, list(args), env=env)
+
+
+def process_tree(pid: int) -> list:
+    """The process and all its descendants, as psutil.Process objects."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def still_running(processes: list, within_s: float = 5.0) -> list[str]:
+    """Those of the processes (psutil's, which a reused pid does not fool) still running after up to `within_s`,
+    as "pid name"; a zombie has ended."""
+    import psutil
+
+    deadline = time.monotonic() + within_s
+    while True:
+        running = []
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    running.append(f"{process.pid} {process.name()}")
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.2)

@@ -2,10 +2,11 @@
 
 On the shared pipeline run (conftest's `sst2_run`: 2 workers, ZeRO-2) every training stage's loss falls, both ranks
 end with the same trainable weights, and each rank trained on different data. Then a worker of the
-student stage is killed by its pid and the stage resumes from its checkpoint, and a `retrikt run`
-interrupted during PPO resumes PPO at its saved update.
+student stage, and one of the prompt stage, is killed by its pid and the stage resumes from its checkpoint, and a
+`retrikt run` stopped by SIGTERM during PPO leaves none of its processes behind and resumes PPO at its saved update.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import manifest, run_logged
+from helpers import manifest, run_logged, still_running
 
 from retrikt_ray import pipeline
 from retrikt_ray.training import TRAIN_STORAGE
@@ -81,24 +82,28 @@ def wait_for_checkpoint(storage: Path, deadline: float) -> None:
     raise AssertionError(f"no checkpoint under {storage} in time")
 
 
+def run_killing_a_worker(spec, stage: str, stage_dir: Path) -> None:
+    """Run `stage` alone; once it has a checkpoint, kill one of its Ray Train workers by its pid."""
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(lines=run_logged(spec, only=stage)[1]))
+    runner.start()
+    try:
+        wait_for_checkpoint(stage_dir / TRAIN_STORAGE, time.monotonic() + 300)
+        pids = train_worker_pids()
+        assert pids, "no Ray Train worker alive"
+        os.kill(pids[-1], signal.SIGKILL)
+    finally:
+        runner.join(timeout=600)
+    assert "lines" in outcome, f"the {stage} stage did not finish after the worker was killed"
+
+
 def test_killed_worker_resumes_from_checkpoint(sst2_run, tmp_path):
     spec, run_dir = sst2_run
     spec = spec.model_copy(deep=True)
     spec.storage.runs_dir = str(tmp_path / "runs")
     copy = tmp_path / "runs" / run_dir.name
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("student", "evaluate"))
-
-    outcome = {}
-    runner = threading.Thread(target=lambda: outcome.update(lines=run_logged(spec, only="student")[1]))
-    runner.start()
-    try:
-        wait_for_checkpoint(copy / "student" / TRAIN_STORAGE, time.monotonic() + 300)
-        pids = train_worker_pids()
-        assert pids, "no Ray Train worker alive"
-        os.kill(pids[-1], signal.SIGKILL)
-    finally:
-        runner.join(timeout=600)
-    assert "lines" in outcome, "the student stage did not finish after the worker was killed"
+    run_killing_a_worker(spec, "student", copy / "student")
 
     resumed = manifest(copy, "student")["metrics"]
     uninterrupted = manifest(run_dir, "student")["metrics"]
@@ -107,9 +112,38 @@ def test_killed_worker_resumes_from_checkpoint(sst2_run, tmp_path):
     assert resumed["final_loss"] == pytest.approx(uninterrupted["final_loss"], rel=0.05, abs=0.02)
 
 
+def test_killed_prompt_worker_resumes_where_it_was(sst2_run, tmp_path):
+    """Prompt tuning alone on one worker, 10 steps with a checkpoint every 2, twice: once uninterrupted, once with
+    its worker killed after a checkpoint. The resumed stage (its PromptLoop restored: the examples' order and the
+    generator that shuffles them, the losses, the RNG) ends with the losses and the soft prompt of the first."""
+    from safetensors.torch import load_file
+
+    from retrikt_ray.artifacts import run_dir_for
+
+    spec = sst2_run[0].model_copy(deep=True)
+    spec.prompt.epochs = 5  # 8 examples (4 shots of each label), a batch of 4: two steps per epoch
+    spec.resources.num_workers = 1
+    spec.resources.checkpoint_every_steps = 2
+    spec.storage.runs_dir = str(tmp_path / "uninterrupted")
+    reference, _ = run_logged(spec, only="prompt")
+    spec.storage.runs_dir = str(tmp_path / "killed")
+    killed = run_dir_for(spec)
+    run_killing_a_worker(spec, "prompt", killed / "prompt")
+
+    resumed, uninterrupted = manifest(killed, "prompt")["metrics"], manifest(reference, "prompt")["metrics"]
+    assert uninterrupted["resumed_from_step"] is None and uninterrupted["steps"] == 10
+    assert 0 < resumed["resumed_from_step"] < resumed["steps"] == 10 and len(resumed["loss_per_epoch"]) == 5
+    assert resumed["loss_per_epoch"] == pytest.approx(uninterrupted["loss_per_epoch"], abs=1e-5)
+    prompts = [load_file(str(run / "prompt" / "soft_prompt.safetensors"))["soft_prompt"] for run in (killed, reference)]
+    assert prompts[0].numpy() == pytest.approx(prompts[1].numpy(), abs=1e-5)
+
+
 def test_interrupted_run_resumes_ppo_at_its_saved_update(sst2_run, tmp_path):
-    """The shared run's job, with every stage but PPO copied in: `retrikt run` is stopped after PPO's
-    first checkpoint; the re-run resumes PPO there and ends with the prompt the uninterrupted run made."""
+    """The shared run's job, with every stage but PPO copied in: `retrikt run` is stopped by SIGTERM (what
+    systemd, Docker and Kubernetes send; it takes Ctrl-C's path) after PPO's first checkpoint. It says so in one
+    line, exits 143 and leaves none of the processes it started running (its local Ray's daemons and agents, the
+    Ray Train workers); the re-run resumes PPO there and ends with the prompt the uninterrupted run made."""
+    import psutil
     from safetensors.torch import load_file
 
     spec, run_dir = sst2_run
@@ -121,19 +155,30 @@ def test_interrupted_run_resumes_ppo_at_its_saved_update(sst2_run, tmp_path):
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("ppo"))
     command = [sys.executable, "cli.py", "run", str(path)]
 
-    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = []
     try:
         deadline = time.monotonic() + 300
         while not (copy / "ppo").exists() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         wait_for_checkpoint(copy / "ppo" / TRAIN_STORAGE, deadline)
-        first.send_signal(signal.SIGINT)
-        first.communicate(timeout=120)
+        root = psutil.Process(first.pid)
+        started = root.children(recursive=True)
+        assert {"raylet", "ray::RayTrainWorker"} <= {process.name() for process in started}
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=120)
     finally:
         if first.poll() is None:
+            for process in [*started, *psutil.Process(first.pid).children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
             first.kill()
-    assert first.returncode != 0
     assert not (copy / "ppo" / "manifest.json").exists(), "PPO finished before it could be interrupted"
+    assert first.returncode == 128 + signal.SIGTERM
+    assert stderr.strip().splitlines()[-1] == (
+        "error: stopped by SIGTERM; finished stages are kept, and running it again resumes"
+    )
+    assert still_running(started) == []
 
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

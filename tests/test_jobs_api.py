@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from helpers import cli, tiny_spec
+from helpers import cli, process_tree, still_running, tiny_spec
 from ray._private.runtime_env.packaging import create_package
 
 from retrikt_ray import jobs_api
@@ -199,11 +199,52 @@ def test_address_from_ray_address_and_an_explicit_address_wins(ray_cluster, monk
         jobs_api.list_jobs(None, token_file)
 
 
+def job_processes(url: str, token: str, details) -> list:
+    """A running job's processes on this machine: its driver with its children, and its Ray actors (the State
+    API's, by the job's Ray id) alive now; [] until it has both a driver and an actor. Detached actors (Ray Data's
+    AutoscalingCoordinator) are left out: Ray keeps them for the cluster's later jobs by design."""
+    reply = requests.get(
+        f"{url}/api/v0/actors",
+        params={"limit": 10000, "detail": "true"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    reply.raise_for_status()
+    actors = [
+        actor["pid"]
+        for actor in reply.json()["data"]["result"]["result"]
+        if actor["job_id"] == details.job_id
+        and actor["state"] == "ALIVE"
+        and actor.get("pid")
+        and not actor.get("is_detached")
+    ]
+    if not actors or details.driver_info is None:
+        return []
+    found = process_tree(int(details.driver_info.pid))
+    for pid in actors:
+        with contextlib.suppress(psutil.Error):
+            found.append(psutil.Process(pid))
+    return found
+
+
 def test_stop_a_running_job(ray_cluster, tiny_models, tmp_path):
+    """Stopped once it runs, with Ray actors of its own (its first training stage's): the job ends STOPPED and
+    its driver and actors end with it."""
     url, token_file, _ = ray_cluster
     job_id, _ = jobs_api.submit(tiny_spec(tiny_models, tmp_path / "runs"), url, token_file)
+    client = jobs_api._client(url, token_file)
+    deadline = time.monotonic() + 300
+    while True:
+        details = client.get_job_info(job_id)
+        assert details.status in ("PENDING", "RUNNING"), (details.status, details.message)
+        running = job_processes(url, token_file.read_text(), details) if details.status == "RUNNING" else []
+        if running:
+            break
+        assert time.monotonic() < deadline, f"the job has no Ray actor after 300 s ({details.status})"
+        time.sleep(1)
     assert jobs_api.stop(job_id, url, token_file)
     assert jobs_api.wait(job_id, url, token_file, timeout_s=120)["status"] == "STOPPED"
+    assert still_running(running, within_s=60) == []
 
 
 def test_wrong_token_and_unknown_job_are_one_line_errors(ray_cluster, tmp_path):

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from retrikt_ray.config import JobSpec
+from retrikt_ray.metrics import mcnemar_exact, paired
 from retrikt_ray.pipeline import plan
 from retrikt_ray.retrieval_student import RetrievalStudent, ce_loss, encoder_fingerprint
 from retrikt_ray.tasks import load_dev, load_few_shot
@@ -329,14 +330,13 @@ def test_every_committed_profile_gives_valid_job_specs(tmp_path):
 
 
 def test_exact_mcnemar_counts_the_rows_only_one_of_two_students_gets_right():
-    student_variants = _load_benchmark("student_variants")
-    assert student_variants.mcnemar_exact(0, 0) == 1.0
-    assert student_variants.mcnemar_exact(0, 5) == pytest.approx(2 / 32)
-    assert student_variants.mcnemar_exact(21, 40) == pytest.approx(student_variants.mcnemar_exact(40, 21))
-    assert student_variants.mcnemar_exact(21, 40) == pytest.approx(0.0205, abs=5e-4)
-    assert student_variants.mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    assert mcnemar_exact(21, 40) == pytest.approx(mcnemar_exact(40, 21))
+    assert mcnemar_exact(21, 40) == pytest.approx(0.0205, abs=5e-4)
+    assert mcnemar_exact(3, 3) == 1.0
     baseline, variant = np.array([True, True, False, False, True]), np.array([True, False, True, True, True])
-    assert student_variants.paired(baseline, variant) == {
+    assert paired(baseline, variant) == {
         "only_baseline_right": 1,
         "only_variant_right": 2,
         "p_value": 1.0,

@@ -1,12 +1,15 @@
 """Serving: the real Ray Serve application on 127.0.0.1 in the test process, over a finished tiny run
 (the real pipeline on 2-layer models), plus `retrikt serve` / `retrikt predict` through the CLI."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,7 +19,7 @@ import pandas as pd
 import pytest
 import requests
 import yaml
-from helpers import reuse_shared_run, run_logged
+from helpers import cli, process_tree, reuse_shared_run, run_logged, still_running
 
 from retrikt_ray.config import ServeSpec, SpecError, TaskSpec
 from retrikt_ray.knowledge_store import KnowledgeStore
@@ -32,7 +35,7 @@ from retrikt_ray.serve import (
     max_body_bytes,
     parse_inputs,
     predict_texts,
-    request_store_reload,
+    request_reload,
     start,
     store_folder,
 )
@@ -176,7 +179,13 @@ def test_info_names_task_models_and_store(served):
 
 @pytest.mark.parametrize(
     "method, route",
-    [("GET", "/v1/info"), ("POST", "/v1/classify"), ("POST", "/v1/admin/reload-store"), ("GET", "/openapi.json")],
+    [
+        ("GET", "/v1/info"),
+        ("POST", "/v1/classify"),
+        ("POST", "/v1/admin/reload"),
+        ("POST", "/v1/admin/reload-store"),
+        ("GET", "/openapi.json"),
+    ],
 )
 def test_every_route_but_healthz_needs_the_token(served, method, route):
     _, _, url, _ = served
@@ -190,7 +199,7 @@ def test_every_route_but_healthz_needs_the_token(served, method, route):
 def test_openapi_schema_documents_the_api(served):
     _, _, url, _ = served
     schema = requests.get(f"{url}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
-    assert {"/healthz", "/v1/info", "/v1/classify", "/v1/admin/reload-store"} <= set(schema["paths"])
+    assert {"/healthz", "/v1/info", "/v1/classify", "/v1/admin/reload"} <= set(schema["paths"])
     assert "413" in schema["paths"]["/v1/classify"]["post"]["responses"]
     assert {"ClassifyRequest", "ClassifyResponse", "Neighbor", "Info"} <= set(schema["components"]["schemas"])
 
@@ -345,6 +354,7 @@ def test_store_swap_under_concurrent_requests(served):
     new = old.subset(np.arange(len(old) // 2))
     assert new.version != old.version
     answers, stop = [], threading.Event()
+    sent_by = {number: [] for number in range(4)}  # when each client sent each answered request
 
     def client(number):
         session = requests.Session()
@@ -357,16 +367,23 @@ def test_store_swap_under_concurrent_requests(served):
                 continue
             version = answer.json().get("store_version") if answer.status_code == 200 else None
             answers.append((sent, answer.status_code, version))
+            sent_by[number].append(sent)
+
+    def until_every_client_answered_twice_since(moment):
+        deadline = time.monotonic() + 120
+        while any(sum(sent > moment for sent in times) < 2 for times in sent_by.values()):
+            assert time.monotonic() < deadline, "the clients stopped getting answers"
+            time.sleep(0.05)
 
     threads = [threading.Thread(target=client, args=(number,)) for number in range(4)]
     for thread in threads:
         thread.start()
     try:
-        time.sleep(1.5)
+        until_every_client_answered_twice_since(float("-inf"))  # all four are classifying on the old store
         new.save(folder)
-        reloaded = request_store_reload(run_dir, "127.0.0.1", port)
+        reloaded = request_reload(run_dir, "127.0.0.1", port)
         after = time.monotonic()
-        time.sleep(2.0)
+        until_every_client_answered_twice_since(after)
     finally:
         stop.set()
         for thread in threads:
@@ -393,10 +410,8 @@ def test_a_store_that_does_not_fit_the_student_is_refused(served):
     foreign = old.with_keys(keys / np.linalg.norm(keys, axis=1, keepdims=True), "0123456789abcdef")
     try:
         foreign.save(folder)
-        with pytest.raises(
-            SpecError, match="409 .*store not reloaded: the store's keys come from encoder 0123456789abcdef"
-        ):
-            request_store_reload(run_dir, "127.0.0.1", port)
+        with pytest.raises(SpecError, match="409 .*not reloaded: the store's keys come from encoder 0123456789abcdef"):
+            request_reload(run_dir, "127.0.0.1", port)
     finally:
         old.save(folder)
     assert post(url, {"inputs": ["a film"]}).json()["store_version"] == old.version
@@ -466,6 +481,153 @@ def test_a_non_loopback_host_without_token_refuses_to_start(served, tmp_path):
 
 
 def test_serving_a_folder_that_is_not_a_finished_run_is_one_line(tmp_path):
-    result = retrikt("predict", str(tmp_path), "text")
+    """`retrikt serve` refuses before starting Ray: a folder without job.yaml, and a run whose student stage has
+    not finished; `predict` says the same."""
+    result = retrikt("serve", str(tmp_path), "--port", str(free_port()))
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path}: not a run directory (no job.yaml)"
+
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "student").mkdir(parents=True)
+    (unfinished / "job.yaml").write_text("name: unfinished\n")
+    for args in (("serve", str(unfinished)), ("predict", str(unfinished), "text")):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == (
+            f"error: {unfinished}: the student stage has not finished, there is nothing to serve"
+        ), args
+
+
+def test_concurrent_requests_batched_together_each_get_their_own_results(served):
+    """Sixteen requests of 1 to 4 inputs sent at once, some asking for neighbours: the StudentStore replicas batch
+    them (`@serve.batch`, up to 8 requests per batch) and split the batch's results back, so each answer holds the
+    evaluation's probabilities of its own inputs, in order, and neighbours exactly where they were asked for."""
+    spec, run_dir, url, _ = served
+    _, dev = load_dev(spec)
+    evaluated = np.stack(pd.read_parquet(run_dir / "evaluate" / "predictions.parquet")["p"].to_numpy())
+    requests_sent = [
+        ([(7 * number + offset) % len(dev) for offset in range(1 + number % 4)], number % 3 == 0)
+        for number in range(16)
+    ]
+    start_together = threading.Barrier(len(requests_sent))
+    answers: dict[int, requests.Response] = {}
+
+    def client(number):
+        rows, neighbors = requests_sent[number]
+        body = {"inputs": [dev[row].fields["sentence"] for row in rows], "return_neighbors": neighbors}
+        start_together.wait()
+        answers[number] = post(url, body)
+
+    threads = [threading.Thread(target=client, args=(number,)) for number in range(len(requests_sent))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(answers) == list(range(len(requests_sent)))
+    for number, (rows, neighbors) in enumerate(requests_sent):
+        assert answers[number].status_code == 200, answers[number].text
+        results = answers[number].json()["results"]
+        assert len(results) == len(rows)
+        assert np.allclose([list(result["probabilities"].values()) for result in results], evaluated[rows], atol=1e-5)
+        assert all(("neighbors" in result) == neighbors for result in results), number
+
+
+def ingress_client(run_dir, host: str):
+    """The Ingress's FastAPI app, built as Serve builds it in its replica but here without Ray (no StudentStore
+    behind it: for the routes that do not reach it)."""
+    from fastapi.testclient import TestClient
+
+    from retrikt_ray.serve import Ingress
+
+    # Serve wraps the class as written in one of its own (its __init__ is async); the written one is underneath.
+    written = next(cls for cls in Ingress.func_or_class.__mro__ if "authorise" in vars(cls))
+    return TestClient(written(None, str(run_dir), host).__serve_build_asgi_app__())
+
+
+def run_serving_with(run_dir, folder, **serve_fields):
+    """A run folder whose job.yaml is the run's with other serve fields (its student's manifest beside it)."""
+    (folder / "student").mkdir(parents=True)
+    shutil.copy(run_dir / "student" / "manifest.json", folder / "student")
+    job = yaml.safe_load((run_dir / "job.yaml").read_text())
+    job["serve"].update(serve_fields)
+    (folder / "job.yaml").write_text(yaml.safe_dump(job))
+    return folder
+
+
+def test_token_env_authenticates_and_an_empty_token_is_refused(sst2_run, tmp_path, monkeypatch):
+    from retrikt_ray.serve import load_run_spec, read_token
+
+    _, run_dir = sst2_run
+    env_run = run_serving_with(run_dir, tmp_path / "env-run", token_file=None, token_env="RETRIKT_TEST_TOKEN")
+    monkeypatch.setenv("RETRIKT_TEST_TOKEN", " env-token-42\n")
+    client = ingress_client(env_run, "0.0.0.0")  # beyond loopback: allowed, as there is a token
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {TOKEN}"}):
+        assert client.get("/openapi.json", headers=headers).status_code == 401, headers
+    assert client.get("/openapi.json", headers={"Authorization": "Bearer env-token-42"}).status_code == 200
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+    for blank in ("", " \n"):  # an empty variable is no token: open on loopback only
+        monkeypatch.setenv("RETRIKT_TEST_TOKEN", blank)
+        assert read_token(load_run_spec(env_run).serve) is None
+        with pytest.raises(SpecError, match="not a loopback address, so a token is required"):
+            ingress_client(env_run, "0.0.0.0")
+    assert ingress_client(env_run, "127.0.0.1").get("/openapi.json").status_code == 200
+
+    token_file = tmp_path / "empty-token"
+    token_file.write_text(" \n")
+    empty_file_run = run_serving_with(run_dir, tmp_path / "empty-file-run", token_file=str(token_file))
+    result = retrikt("serve", str(empty_file_run), "--port", str(free_port()))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: serve.token_file: {token_file} is empty"
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_serve_in_the_foreground_stops_on_ctrl_c_and_sigterm_and_leaves_no_process(sst2_run, tmp_path, stop):
+    """The real `retrikt serve` in the foreground, on a local Ray of its own: once it answers, SIGINT (Ctrl-C) or
+    SIGTERM (what systemd, Docker and Kubernetes send) stops it with exit code 0, and none of the processes it
+    started (Ray's GCS, raylet, dashboard and its agents, the Serve actors) is left running."""
+    _, run_dir = sst2_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    job = yaml.safe_load((copy / "job.yaml").read_text())
+    job["serve"].update(min_replicas=1, max_replicas=1, num_cpus=0.5, token_file=None)
+    (copy / "job.yaml").write_text(yaml.safe_dump(job))
+    port = free_port()
+    ray_temp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths live under it
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", job["serve"]["token_env"])}
+    command = [sys.executable, "-m", "retrikt_ray.cli", "serve", str(copy), "--port", str(port)]
+    server = subprocess.Popen(
+        command, cwd=REPO, env={**env, "RAY_TMPDIR": str(ray_temp)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    output: list[str] = []
+    serving = threading.Event()
+
+    def read():
+        for line in server.stdout:
+            output.append(line.decode(errors="replace"))
+            if output[-1].startswith("serving "):
+                serving.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    started = []
+    try:
+        deadline = time.monotonic() + 300
+        while not serving.wait(0.5):
+            assert server.poll() is None and time.monotonic() < deadline, "".join(output)[-3000:]
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json() == {"status": "ok"}
+        started = process_tree(server.pid)
+        assert any(process.name() == "raylet" for process in started)
+        server.send_signal(stop)
+        assert server.wait(timeout=120) == 0, "".join(output)[-3000:]
+        reader.join(timeout=30)
+        assert f"stopped ({stop.name})" in "".join(output)
+        assert still_running(started) == []
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    finally:
+        leftovers = started + (process_tree(server.pid) if server.poll() is None else [])
+        for process in leftovers:  # only when the test failed
+            with contextlib.suppress(Exception):
+                process.kill()
+        shutil.rmtree(ray_temp, ignore_errors=True)

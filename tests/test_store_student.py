@@ -237,6 +237,37 @@ def test_rank_loss_manual_three_items():
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
 
 
+def test_the_student_loops_state_is_checkpointed_once_and_resumes_its_draws_and_keys(tmp_path):
+    """The student loop's LoopState: what a checkpoint saves is its fields, through torch.save as Checkpoints
+    does; resumed, the generator draws what the saved one would next, and the epoch's rows, totals, history, the
+    rows seen and the re-encoded keys come back."""
+    from dataclasses import fields
+
+    from retrikt_ray.stages.student import StudentLoop
+
+    saved = StudentLoop(generator=np.random.default_rng(7))
+    saved.mine = [int(i) for i in saved.generator.permutation(6)][::2]
+    saved.generator.choice(4, size=2, replace=False)  # a batch's gold rows
+    saved.totals, saved.history = {"loss": 0.5, "kd": 0.25}, [{"epoch": 0, "loss": 0.75}]
+    saved.seen = set(saved.mine)
+    saved.keys = (np.eye(3, dtype=np.float32), "0123456789abcdef")
+    state = saved.state_dict()
+    assert set(state) == {field.name for field in fields(StudentLoop)}
+    torch.save(state, tmp_path / "loop_state.pt")
+
+    resumed = StudentLoop(generator=np.random.default_rng(7))
+    resumed.load_state_dict(torch.load(tmp_path / "loop_state.pt", weights_only=False))
+    assert resumed.generator.permutation(6).tolist() == saved.generator.permutation(6).tolist()
+    assert resumed.generator.choice(4, size=2, replace=False).tolist() == saved.generator.choice(4, 2, False).tolist()
+    assert (resumed.mine, resumed.totals, resumed.history, resumed.seen) == (
+        saved.mine,
+        saved.totals,
+        saved.history,
+        saved.seen,
+    )
+    assert np.array_equal(resumed.keys[0], saved.keys[0]) and resumed.keys[1] == saved.keys[1]
+
+
 def test_store_rank_loss_over_the_batch_lists_equals_rank_loss():
     generator = torch.Generator().manual_seed(2)
     h, z = torch.randn(5, 6, generator=generator), torch.randn(5, 4, generator=generator)

@@ -510,3 +510,62 @@ def test_empty_file(tmp_path):
     path = tmp_path / "empty.tsv"
     path.write_text("sentence\tlabel\n")
     assert error_of(task("sst2"), path) == f"{path}: no examples"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "tsv", "csv"])
+def test_crlf_line_endings_read_as_lf_and_count_one_line_each(tmp_path, fmt):
+    """Files written on Windows: the same examples as with LF endings, and a bad row's line number counts each
+    CRLF once."""
+    header = ["question", "context", "kind"]
+    if fmt == "jsonl":
+        lines = [json.dumps(row) for row in ROWS]
+    else:
+        delimiter = "\t" if fmt == "tsv" else ","
+        lines = [delimiter.join(header)] + [delimiter.join(row[column] for column in header) for row in ROWS]
+    path = tmp_path / f"qa.{fmt}"
+    path.write_bytes("".join(line + "\r\n" for line in lines).encode())
+    t = task("qa", format=fmt, **CUSTOM)
+    examples = t.load(path)
+    assert [e.fields for e in examples] == [{"question": r["question"], "context": r["context"]} for r in ROWS]
+    assert [e.label for e in examples] == [0, 1, 0]
+    bad = lines[-1].replace("num", "bad")
+    path.write_bytes("".join(line + "\r\n" for line in [*lines, bad]).encode())
+    assert error_of(t, path) == f"{path}:{len(lines) + 1}: label 'bad' is not one of ['num', 'other']"
+
+
+GOOD_CSV = "question,context,kind\n" + "How many legs?,A spider has eight legs.,num\n" * 200
+
+
+def bad_file(how: str) -> tuple[str, bytes]:
+    """(file name, content) of a data file that cannot be read as its name says."""
+    packed = gzip.compress(GOOD_CSV.encode())
+    return {
+        "latin-1": ("qa.csv", "question,context,kind\nWhat café?,Le café,other\n".encode("latin-1")),
+        "cp1252 in gzip": ("qa.csv.gz", gzip.compress("question,context,kind\nWhy?,Für dich,other\n".encode("cp1252"))),
+        "not gzip": ("qa.csv.gz", GOOD_CSV.encode()),
+        "cut short": ("qa.csv.gz", packed[:-12]),
+        "bad crc": ("qa.csv.gz", packed[:-8] + bytes(4) + packed[-4:]),
+        "damaged data": ("qa.csv.gz", packed[:30] + bytes(byte ^ 0xFF for byte in packed[30:60]) + packed[60:]),
+    }[how]
+
+
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("latin-1", "not UTF-8 text"),
+        ("cp1252 in gzip", "not UTF-8 text"),
+        ("not gzip", "not a readable gzip file"),
+        ("cut short", "not a readable gzip file"),
+        ("bad crc", "not a readable gzip file"),
+        ("damaged data", "not a readable gzip file"),
+    ],
+)
+def test_a_file_not_utf8_or_a_damaged_gzip_is_one_error_line_naming_it(tmp_path, how, reason):
+    name, data = bad_file(how)
+    path = tmp_path / name
+    path.write_bytes(data)
+    for labelled in (True, False):
+        with pytest.raises(SpecError) as error:
+            task("qa", format="csv", **CUSTOM).load(path, labelled=labelled)
+        message = str(error.value)
+        assert message.startswith(f"{path}: {reason}") and "\n" not in message, message

@@ -4,8 +4,10 @@ Policy = frozen teacher + trainable prompt P (from stage 1; with `per_label_prom
 label, saved as (labels, m, hidden)); reference = the same teacher with the stage-1 prompt, so the
 teacher's weights are shared, never copied. A value head (one linear layer on
 the last hidden state) is the critic. Sequence reward per sample:
-  alpha * log p_C(y | x)  +  beta * (1 - max cos(e(x), B_y))  -  gamma * [malformed]
+  alpha * log p_C(y | x)  +  beta * (1 - max cos(e(x), B_y))  -  gamma * [malformed]  (+ w * s(x))
 with a per-token KL penalty to the reference, GAE, the clipped surrogate and a clipped value loss.
+The student term s (`ppo.student_reward`, off by default) comes from a linear head on the frozen student
+encoder that is refitted on the memory bank's samples after every update (rl.StudentHead, docs/method.md).
 Every reward term is logged per update; `ppo_curves.png` plots them. What PPO changed is measured on
 fixed draws (`eval_samples_per_label` per label, the same seeds) from the stage-1 and the final prompt:
 the manifest's `before` and `after`. When the final prompt scores a lower mean reward on them than the
@@ -30,7 +32,7 @@ from ..tasks import load_few_shot
 from ..training import LoopState
 
 if TYPE_CHECKING:
-    from ..rl import MemoryBank
+    from ..rl import MemoryBank, StudentHead
 
 # log p_C is floored so that a valid but off-label sample never scores below a malformed one.
 CONSISTENCY_FLOOR = 1e-2
@@ -57,6 +59,9 @@ def run(spec: JobSpec, stage: StageRun) -> StageResult:
     plot_curves(metrics["history"], stage.dir / "ppo_curves.png")
     before, after = metrics["before"], metrics["after"]
     kept = f"; {describe_kept_prompt(before, after, spec)}" if metrics["kept_stage1_prompt"] else ""
+    if spec.ppo.student_reward != "off":
+        term = f"{before['student_term']:.3f} -> {after['student_term']:.3f}"
+        kept = f", student term ({spec.ppo.student_reward}) {term}{kept}"
     return StageResult(
         metrics=metrics,
         counts={"rollouts": metrics["rollouts"]},
@@ -166,14 +171,25 @@ class PromptPolicy(torch.nn.Module):
 
 
 class RewardModel:
-    """Scores samples: calibrated label consistency, diversity against a per-label memory bank, form."""
+    """Scores samples: calibrated label consistency, diversity against a per-label memory bank, form, and with
+    `ppo.student_reward` the student term, from a student head (`student`) that `refresh_student` refits on the
+    bank's samples after every update."""
 
-    def __init__(self, spec: JobSpec, teacher, task, encoder, reference_mean: np.ndarray):
-        from ..rl import MemoryBank
+    def __init__(self, spec: JobSpec, teacher, task, encoder, reference_mean: np.ndarray, labelled=None):
+        """`labelled`: the labelled examples, which the student term's head is measured on (needed when on)."""
+        from ..rl import MemoryBank, StudentHead
 
         self.spec, self.teacher, self.task, self.encoder = spec, teacher, task, encoder
         self.reference_mean = reference_mean
         self.bank = MemoryBank(task.num_labels, spec.ppo.memory_bank_size)
+        self.student: StudentHead | None = None
+        if spec.ppo.student_reward != "off":
+            self.student = StudentHead(
+                encoder.encoder.config.hidden_size, task.student_num_labels, task.num_labels, spec.ppo.memory_bank_size
+            )
+            rows = [task.student_inputs(example) for example in labelled]
+            self.labelled = torch.from_numpy(encoder.embed_all([row for example in rows for row in example]))
+            self.labelled_targets = torch.tensor([t for example in labelled for t in task.row_targets(example)])
 
     def parse(self, text: str, label: int):
         words = len(text.split())
@@ -183,7 +199,7 @@ class RewardModel:
 
     def score(self, label: int, texts: list[str], remember: bool = True) -> dict[str, np.ndarray]:
         """Reward terms of each text; `remember`: add the valid ones to the label's memory bank."""
-        from ..rl import diversity_reward
+        from ..rl import diversity_reward, max_cosine_to_others
         from ..teacher import calibrate
 
         settings = self.spec.ppo
@@ -194,9 +210,11 @@ class RewardModel:
         diversity = np.zeros(len(texts))
         max_cos = np.full(len(texts), np.nan)
         embeddings = np.zeros((0, 0), dtype=np.float32)
+        student = np.zeros(len(texts))
         kept = [example for example in parsed if example is not None]
         if kept:
-            probs = calibrate(self.teacher.classify_raw(kept), self.reference_mean)
+            raw = self.teacher.classify_raw(kept)
+            probs = calibrate(raw, self.reference_mean)
             consistency[valid] = np.log(np.clip(probs[:, label], CONSISTENCY_FLOOR, 1.0))
             if settings.malformed_consistency == "valid_mean":
                 consistency[~valid] = consistency[valid].mean()
@@ -207,18 +225,59 @@ class RewardModel:
             ).numpy()
             diversity[valid] = bonus
             max_cos[valid] = 1.0 - bonus
+            if self.student is not None:
+                # Fixed draws (not remembered) are measured among themselves, as their diversity is.
+                novelty = bonus if remember else 1.0 - max_cosine_to_others(torch.from_numpy(embeddings)).numpy()
+                student[valid] = self.student_term(label, kept, raw, novelty, remember)
         penalty = (~valid).astype(float)
         reward = settings.alpha * consistency + settings.beta * diversity - settings.gamma * penalty
+        if self.student is not None:
+            reward = reward + settings.student_reward_weight * student
         return {
             "reward": reward,
             "consistency": settings.alpha * consistency,
             "diversity": settings.beta * diversity,
             "penalty": -settings.gamma * penalty,
+            "student": settings.student_reward_weight * student,
             "agrees": agrees,
             "valid": valid,
             "max_cos": max_cos,
             "embeddings": embeddings,  # of the valid texts, in order
         }
+
+    def student_term(self, label: int, kept: list, raw: np.ndarray, novelty: np.ndarray, remember: bool) -> np.ndarray:
+        """The student term (unweighted) of each valid sample of `label` (`kept`, with the teacher's raw p_C
+        `raw` and their `novelty`) by `ppo.student_reward`, from the head and the bank as they were before this
+        batch; `remember`: then add the samples' rows and soft labels to the head's bank."""
+        from ..rl import learnability, targeted, usefulness
+        from ..teacher import calibrate
+
+        settings = self.spec.ppo
+        soft = calibrate(raw, self.reference_mean, settings.student_label_temperature)
+        rows = [self.task.student_inputs(example) for example in kept]
+        owner = torch.tensor([i for i, sample_rows in enumerate(rows) for _ in sample_rows])
+        z = torch.from_numpy(self.encoder.embed_all([row for sample_rows in rows for row in sample_rows]))
+        q = torch.from_numpy(np.concatenate([self.task.row_soft_labels(sample_soft) for sample_soft in soft]))
+        labelled, targets, tau = self.labelled, self.labelled_targets, settings.student_reward_tau
+        if settings.student_reward == "learnability":
+            term = learnability(q, self.student.probs(z), owner, torch.as_tensor(novelty))
+        elif settings.student_reward == "targeted":
+            term = targeted(z, q, owner, len(kept), labelled, targets, self.student.probs(labelled), tau)
+        else:
+            term = usefulness(z, q, owner, len(kept), *self.student.rows(), labelled, targets, tau)
+        if remember:
+            for i in range(len(kept)):
+                self.student.add(label, z[owner == i], q[owner == i])
+        return term.numpy()
+
+    def refresh_student(self) -> dict[str, float]:
+        """Refit the student head on the bank (after an update's rollouts); its accuracy on the labelled rows.
+        Nothing (an empty dict) when the student term is off."""
+        if self.student is None:
+            return {}
+        self.student.refit(self.spec.ppo.student_head_steps)
+        predicted = self.student.probs(self.labelled).argmax(dim=1)
+        return {"student_labelled_accuracy": float((predicted == self.labelled_targets).float().mean())}
 
 
 def measure_prompt(teacher, rewards: RewardModel, prompt: torch.Tensor) -> dict[str, float]:
@@ -247,12 +306,10 @@ def measure_prompt(teacher, rewards: RewardModel, prompt: torch.Tensor) -> dict[
     within = float(max_cos.mean()) if max_cos.size else 0.0
     summary = rollout_summary(scores, texts, float("nan"))
     diversity = settings.beta * (1.0 - within)
-    return {
-        **summary,
-        "mean_max_cos": within,
-        "diversity_term": diversity,
-        "reward": summary["consistency_term"] + diversity + summary["penalty_term"],
-    }
+    reward = summary["consistency_term"] + diversity + summary["penalty_term"]
+    if rewards.student is not None:
+        reward += summary["student_term"]
+    return {**summary, "mean_max_cos": within, "diversity_term": diversity, "reward": reward}
 
 
 def rollout_summary(scores: list[dict], texts: list[str], kl: float) -> dict[str, float]:
@@ -266,6 +323,7 @@ def rollout_summary(scores: list[dict], texts: list[str], kl: float) -> dict[str
         "consistency_term": mean("consistency"),
         "diversity_term": mean("diversity"),
         "penalty_term": mean("penalty"),
+        "student_term": mean("student"),
         "consistency_rate": mean("agrees"),
         "valid_rate": mean("valid"),
         "mean_max_cos": mean("max_cos") if any(np.isfinite(s["max_cos"]).any() for s in scores) else 0.0,
@@ -276,10 +334,12 @@ def rollout_summary(scores: list[dict], texts: list[str], kl: float) -> dict[str
 
 @dataclass
 class PPOLoop(LoopState):
-    """PPO's state between updates, besides the engine's: the reward's memory bank, the stage-1 prompt's measure
-    on the fixed draws (rank 0's; None on the others), the summary of every update, and the texts drawn."""
+    """PPO's state between updates, besides the engine's: the reward's memory bank, the student head of the
+    student term (None when it is off), the stage-1 prompt's measure on the fixed draws (rank 0's; None on the
+    others), the summary of every update, and the texts drawn."""
 
     bank: MemoryBank
+    student: StudentHead | None = None
     before: dict[str, float] | None = None
     history: list[dict] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
@@ -309,7 +369,7 @@ def train_loop(config: dict) -> None:
     )
     if rank == 0:
         print(f"[ppo] {describe_teacher_on_labelled(labelled)}", flush=True)
-    rewards = RewardModel(spec, teacher, task, encoder, reference_mean)
+    rewards = RewardModel(spec, teacher, task, encoder, reference_mean, few_shot)
     reference_prompt = torch.tensor(config["initial_prompt"], device=device)
     policy = PromptPolicy(reference_prompt, task.num_labels if settings.per_label_prompt else None).to(device)
     optimiser = Optimiser(policy, [{"params": list(policy.parameters()), "lr": settings.lr}], config["deepspeed"])
@@ -343,10 +403,10 @@ def train_loop(config: dict) -> None:
         """Rank 0 measures the prompt; the others get None."""
         return measure_prompt(teacher, rewards, prompt) if rank == 0 else None
 
-    state, start = PPOLoop(bank=rewards.bank), 0
+    state, start = PPOLoop(bank=rewards.bank, student=rewards.student), 0
     resumed = checkpoints.restore()
     if resumed is not None:
-        state.load_state_dict(resumed)  # the bank in place: the reward model's
+        state.load_state_dict(resumed)  # the bank and the student head in place: the reward model's
         start = checkpoints.resumed_from
     else:
         state.before = measure(reference_prompt)
@@ -359,6 +419,7 @@ def train_loop(config: dict) -> None:
     bar = tqdm(total=settings.updates, initial=start, desc="ppo", disable=rank != 0)
     for update in range(start, settings.updates):
         groups, scores, texts = collect(update)
+        student = rewards.refresh_student()  # on this update's bank, for the next update's rewards
         state.seen.update(texts)
         batches, kls = [], []
         with torch.no_grad():
@@ -396,6 +457,7 @@ def train_loop(config: dict) -> None:
             "clip_fraction": float(np.mean(clip_fractions)),
             "policy_loss": float(np.mean(policy_losses)),
             "value_loss": float(np.mean(value_losses)),
+            **student,
         }
         state.history.append(entry)
         bar.update(1)
@@ -403,6 +465,9 @@ def train_loop(config: dict) -> None:
         if checkpoints.due(update + 1):
             checkpoints.save(update + 1, state.state_dict(), {"reward": entry["reward"]})
     bar.close()
+    if rewards.student is not None:
+        # The student term of a prompt depends on the student: both prompts are measured by the final one.
+        before = measure(reference_prompt)
     with optimiser.gathered():
         after = measure(policy.soft_prompt)
     keep_stage1 = after is not None and keeps_stage1_prompt(before, after, spec)
@@ -443,11 +508,12 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
     updates = [entry["update"] for entry in history]
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for key in ("reward", "consistency_term", "diversity_term", "penalty_term"):
-        axes[0].plot(updates, [entry[key] for entry in history], marker="o", label=key)
+    for key in ("reward", "consistency_term", "diversity_term", "penalty_term", "student_term"):
+        axes[0].plot(updates, [entry.get(key, np.nan) for entry in history], marker="o", label=key)
     axes[0].set_title("reward terms per update")
-    for key in ("consistency_rate", "distinct_2", "mean_max_cos", "kl"):
-        axes[1].plot(updates, [entry[key] for entry in history], marker="o", label=key)
+    for key in ("consistency_rate", "distinct_2", "mean_max_cos", "kl", "student_labelled_accuracy"):
+        if any(key in entry for entry in history):
+            axes[1].plot(updates, [entry.get(key, np.nan) for entry in history], marker="o", label=key)
     axes[1].set_title("sample quality per update")
     for axis in axes:
         axis.set_xlabel("PPO update")

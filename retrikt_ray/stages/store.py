@@ -7,45 +7,13 @@ re-encodes the keys with the trained encoder and saves the store it serves with.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from ..artifacts import StageResult, StageRun
 from ..config import JobSpec
-from ..samples import read_samples
+from ..samples import read_samples, store_rows
 from ..stage_contract import EMBEDDING_ONLY, Stage
-from ..tasks import Example, Task
-
-
-def store_rows(task: Task, samples) -> dict:
-    """Student rows of the annotated samples: inputs, labels, soft labels, h_T, source example id."""
-    inputs, labels, soft, states, example_ids = [], [], [], [], []
-    for example_id, (fields, label, soft_label, state) in enumerate(
-        zip(samples["fields"], samples["label"], samples["soft_label"], samples["teacher_state"])
-    ):
-        example = Example(fields=json.loads(fields), label=int(label))
-        rows = task.student_inputs(example)
-        targets = task.row_targets(example)
-        soft_label = np.asarray(soft_label, dtype=np.float32)
-        for row, (row_input, target) in enumerate(zip(rows, targets)):
-            inputs.append(row_input)
-            labels.append(target)
-            # choice tasks: the soft label of "alternative i is right" is the teacher's p(i).
-            soft.append(
-                soft_label
-                if task.kind == "classification"
-                else np.array([1 - soft_label[row], soft_label[row]], np.float32)
-            )
-            states.append(np.asarray(state, dtype=np.float32))
-            example_ids.append(example_id)
-    return {
-        "inputs": inputs,
-        "labels": np.array(labels, dtype=np.int64),
-        "soft_labels": np.stack(soft) if soft else np.zeros((0, task.student_num_labels), np.float32),
-        "teacher_states": np.stack(states) if states else None,
-        "example_ids": np.array(example_ids, dtype=np.int64),
-    }
+from ..tasks import Task
 
 
 def run(spec: JobSpec, stage: StageRun) -> StageResult:

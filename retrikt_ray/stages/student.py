@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from ..config import JobSpec
 from ..metrics import accuracy, clearly_above_majority, majority_share
 from ..stage_contract import Stage
 from ..tasks import Example, Task, load_few_shot
+from ..training import LoopState
 
 
 def run(spec: JobSpec, stage: StageRun) -> StageResult:
@@ -142,6 +144,21 @@ def length_grouped(ids: list[int], token_counts: np.ndarray, batch_size: int, rn
     return [row for index in rng.permutation(len(full)) for row in full[index]] + [row for b in partial for row in b]
 
 
+@dataclass
+class StudentLoop(LoopState):
+    """The student loop's state between steps, besides the engine's: the generator that draws each epoch's
+    permutation and the gold rows of every batch, this rank's rows of the running epoch in their order, the running
+    epoch's loss totals and the finished epochs' history, the rows seen in the first epoch, and the store's keys as
+    re-encoded at the end of the last finished epoch (None before the first)."""
+
+    generator: np.random.Generator
+    mine: list[int] = field(default_factory=list)
+    totals: dict[str, float] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+    keys: tuple[np.ndarray, str] | None = None
+
+
 def train_loop(config: dict) -> None:
     from tqdm import tqdm
 
@@ -199,20 +216,19 @@ def train_loop(config: dict) -> None:
         if states is not None and settings.b > 0 and settings.rank_lists == "store"
         else None
     )
-    generator = np.random.default_rng(settings.seed)
     token_counts = (
         np.array([len(feature["input_ids"]) for feature in student.token_ids(store.inputs)])
         if settings.length_grouped_batches
         else None
     )
     steps = math.ceil(len(store.inputs) / (batch_size * world))
-    history, totals, mine, seen, position = [], {}, [], set(), 0
+    state = StudentLoop(generator=np.random.default_rng(settings.seed))
+    position = 0
     resumed = checkpoints.restore()
     if resumed is not None:
-        history, totals, mine, seen = resumed["history"], resumed["totals"], resumed["mine"], resumed["seen"]
-        generator.bit_generator.state = resumed["generator"]
-        if resumed["keys"] is not None:  # keys re-encoded at the end of the last finished epoch
-            store = store.with_keys(*resumed["keys"])
+        state.load_state_dict(resumed)
+        if state.keys is not None:
+            store = store.with_keys(*state.keys)
         position = checkpoints.resumed_from
     bar = tqdm(total=settings.epochs * steps, initial=position, desc="student", disable=rank != 0)
     loop_started, first_position = time.perf_counter(), position
@@ -221,17 +237,17 @@ def train_loop(config: dict) -> None:
         epoch, step = divmod(position, steps)
         if step == 0:
             # Same permutation on every rank (same seed), then each rank takes its own slice of it.
-            mine = shard(list(generator.permutation(len(store.inputs))), rank, world)
+            state.mine = shard(list(state.generator.permutation(len(store.inputs))), rank, world)
             if settings.length_grouped_batches:
                 # Its own draws (seed, epoch, rank), so that the loop's generator stays the same on every rank.
                 batch_order = np.random.default_rng([settings.seed, epoch, rank])
-                mine = length_grouped(mine, token_counts, batch_size, batch_order)
-            totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "rank": 0.0}
-        ids = np.array([mine[(step * batch_size + i) % len(mine)] for i in range(batch_size)])
+                state.mine = length_grouped(state.mine, token_counts, batch_size, batch_order)
+            state.totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "rank": 0.0}
+        ids = np.array([state.mine[(step * batch_size + i) % len(state.mine)] for i in range(batch_size)])
         if epoch == 0:  # one pass: each rank's slice of the permutation
-            seen.update(int(i) for i in ids)
+            state.seen.update(int(i) for i in ids)
         gold = (
-            generator.choice(len(gold_inputs), size=min(settings.gold_per_batch, len(gold_inputs)), replace=False)
+            state.generator.choice(len(gold_inputs), size=min(settings.gold_per_batch, len(gold_inputs)), replace=False)
             if settings.gold_per_batch and settings.a > 0
             else []
         )
@@ -256,7 +272,7 @@ def train_loop(config: dict) -> None:
         loss = l_kd + settings.a * l_ce + settings.b * l_rank
         optimiser.step(loss)
         for key, value in (("loss", loss), ("kd", l_kd), ("ce", l_ce), ("rank", l_rank)):
-            totals[key] += value.item() / steps
+            state.totals[key] += value.item() / steps
         position += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -265,18 +281,10 @@ def train_loop(config: dict) -> None:
                 student.embed_all(store.inputs, batch_size=spec.store.encode_batch_size),
                 encoder_fingerprint(student.encoder),
             )
-            history.append({"epoch": epoch, **totals})
+            state.keys = (store.keys, store.encoder_fingerprint)
+            state.history.append({"epoch": epoch, **state.totals})
         if checkpoints.due(position):
-            keys = (store.keys, store.encoder_fingerprint) if position >= steps else None
-            state = {
-                "history": history,
-                "totals": totals,
-                "mine": mine,
-                "seen": seen,
-                "generator": generator.bit_generator.state,
-                "keys": keys,
-            }
-            checkpoints.save(position, state, {"loss": loss.item()})
+            checkpoints.save(position, state.state_dict(), {"loss": loss.item()})
     bar.close()
     loop_seconds = time.perf_counter() - loop_started
 
@@ -291,6 +299,7 @@ def train_loop(config: dict) -> None:
             served_store = store.with_keys(keys, encoder_fingerprint(served.encoder))
         served_store.save(folder / "store")
 
+    history = state.history
     metrics = {
         "history": history,
         "store_rows": len(store.inputs),
@@ -307,4 +316,4 @@ def train_loop(config: dict) -> None:
         if loop_seconds > 0
         else None,
     }
-    report_outputs(metrics, write, optimiser, seen)
+    report_outputs(metrics, write, optimiser, state.seen)

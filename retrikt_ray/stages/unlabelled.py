@@ -26,7 +26,7 @@ from ..artifacts import StageResult, StageRun
 from ..config import JobSpec
 from ..samples import ANNOTATION_SHARDS, annotate, save_samples
 from ..stage_contract import Stage
-from ..tasks import Example, Task, data_files
+from ..tasks import Example, Task, data_files, draw, screen_texts
 
 
 def draw_texts(spec: JobSpec, task: Task) -> tuple[list[Example], Counter, int]:
@@ -36,28 +36,10 @@ def draw_texts(spec: JobSpec, task: Task) -> tuple[list[Example], Counter, int]:
     labelled = task.few_shot(train_rows, spec.data.shots, spec.data.seed)
     texts = task.load(spec.unlabelled.file, labelled=False) if spec.unlabelled.file else train_rows
     dev = task.load(dev_file)  # all of it, whatever data.dev_limit scores
-    labelled_keys, dev_keys = {_key(example) for example in labelled}, {_key(example) for example in dev}
-    skipped: Counter = Counter()
-    eligible, seen = [], set()
-    for example in texts:
-        key = _key(example)
-        if key in labelled_keys:
-            skipped["labelled_example"] += 1
-        elif key in dev_keys:
-            skipped["in_dev_set"] += 1
-        elif key in seen:
-            skipped["duplicate"] += 1
-        elif len(" ".join(example.fields[field] for field in task.input_fields).split()) < spec.unlabelled.min_words:
-            skipped["too_short"] += 1
-        else:
-            seen.add(key)
-            eligible.append(example)
-    order = np.random.default_rng(spec.unlabelled.seed).permutation(len(eligible))[: spec.unlabelled.samples]
-    return [eligible[index] for index in np.sort(order)], skipped, len(eligible)
-
-
-def _key(example: Example) -> str:
-    return json.dumps({name: value.lower() for name, value in example.fields.items()}, sort_keys=True)
+    eligible, skipped = screen_texts(
+        task, texts, {"labelled_example": labelled, "in_dev_set": dev}, spec.unlabelled.min_words
+    )
+    return draw(eligible, spec.unlabelled.samples, spec.unlabelled.seed), skipped, len(eligible)
 
 
 def run(spec: JobSpec, stage: StageRun) -> StageResult:
