@@ -1,7 +1,12 @@
 """Commands through the real `retrikt` command line (in-process, on the tests' Ray) that other files drive through
-Python: `run --stage` and `--force`, `predict --neighbors` and `tune`, over copies of the shared tiny run."""
+Python: `run --stage` and `--force`, `predict --neighbors` and `tune`, over copies of the shared tiny run; and how
+a command's Ray session turns SIGTERM and Ctrl-C into one interrupt (the real commands stopped by SIGTERM:
+test_serve.py and test_deepspeed.py)."""
 
 import json
+import os
+import signal
+import time
 
 import pytest
 import yaml
@@ -10,6 +15,7 @@ from helpers import cli, manifest, reuse_shared_run
 from retrikt_ray.artifacts import run_dir_for
 from retrikt_ray.config import dump_spec, load_spec
 from retrikt_ray.pipeline import STAGE_NAMES
+from retrikt_ray.ray_session import STOP_SIGNALS, Interrupted, StopSignals, signal_name
 from retrikt_ray.serve import predict_texts
 
 
@@ -98,3 +104,36 @@ def test_tune_writes_the_table_and_the_best_job(sst2_run, tmp_path):
     best = load_spec(best_line.split(", ")[1].split(" (")[0])
     assert best.evaluate.latency_examples == 2 and not best.evaluate.teacher_zero_shot
     assert 0 <= manifest(run_dir_for(best), "evaluate")["metrics"]["accuracy_student_store"] <= 1
+
+
+def signalled(signum: int, stop: StopSignals, wait_s: float = 5.0) -> None:
+    """Send this process `signum` while `stop` handles it (never to a process that the signal would end)."""
+    assert signal.getsignal(signum) == stop._interrupt
+    os.kill(os.getpid(), signum)
+    time.sleep(wait_s)  # Python runs the handler in the main thread at its next instruction: an interrupt cuts it
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_sigterm_and_ctrl_c_raise_one_interrupt_that_names_them(signum):
+    """Inside a Ray session's StopSignals either signal raises Interrupted (a KeyboardInterrupt, so Ctrl-C's cleanup
+    runs) naming it; one that comes once the cleanup has begun is ignored; a plain KeyboardInterrupt that a library
+    raised in place of the Interrupted (Ray Train does) comes out as the Interrupted; the handlers before are back."""
+    before = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    with pytest.raises(Interrupted) as stopped:
+        with StopSignals() as stop:
+            signalled(signum, stop)
+    assert stopped.value.signum == signum and signal_name(stopped.value) == signal.Signals(signum).name
+    assert isinstance(stopped.value, KeyboardInterrupt) and signal_name(KeyboardInterrupt()) == "SIGINT"
+
+    with StopSignals() as stop:
+        stop.closing = True
+        signalled(signum, stop, wait_s=0.2)  # ignored: nothing raised
+
+    with pytest.raises(Interrupted) as stopped:
+        with StopSignals() as stop:
+            try:
+                signalled(signum, stop)
+            except Interrupted:
+                raise KeyboardInterrupt from None
+    assert stopped.value.signum == signum
+    assert {number: signal.getsignal(number) for number in STOP_SIGNALS} == before

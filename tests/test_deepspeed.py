@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import manifest, run_logged, still_running
+from helpers import manifest, run_logged, still_running, tiny_spec
 
 from retrikt_ray import pipeline
 from retrikt_ray.training import TRAIN_STORAGE
@@ -112,19 +112,18 @@ def test_killed_worker_resumes_from_checkpoint(sst2_run, tmp_path):
     assert resumed["final_loss"] == pytest.approx(uninterrupted["final_loss"], rel=0.05, abs=0.02)
 
 
-def test_killed_prompt_worker_resumes_where_it_was(sst2_run, tmp_path):
-    """Prompt tuning alone on one worker, 10 steps with a checkpoint every 2, twice: once uninterrupted, once with
+def test_killed_prompt_worker_resumes_where_it_was(ray_local, tiny_models, tmp_path):
+    """Prompt tuning alone on one worker, 10 steps with a checkpoint every 4, twice: once uninterrupted, once with
     its worker killed after a checkpoint. The resumed stage (its PromptLoop restored: the examples' order and the
     generator that shuffles them, the losses, the RNG) ends with the losses and the soft prompt of the first."""
     from safetensors.torch import load_file
 
     from retrikt_ray.artifacts import run_dir_for
 
-    spec = sst2_run[0].model_copy(deep=True)
+    spec = tiny_spec(tiny_models, tmp_path / "uninterrupted")
     spec.prompt.epochs = 5  # 8 examples (4 shots of each label), a batch of 4: two steps per epoch
     spec.resources.num_workers = 1
-    spec.resources.checkpoint_every_steps = 2
-    spec.storage.runs_dir = str(tmp_path / "uninterrupted")
+    spec.resources.checkpoint_every_steps = 4
     reference, _ = run_logged(spec, only="prompt")
     spec.storage.runs_dir = str(tmp_path / "killed")
     killed = run_dir_for(spec)
