@@ -427,6 +427,13 @@ class ResourcesSpec(Section):
         200, ge=1, description="Prompt and student stages: checkpoint every N optimizer steps (None: never)"
     )
     checkpoint_every_updates: int | None = Field(2, ge=1, description="PPO: checkpoint every N updates (None: never)")
+    report_poll_s: float = Field(
+        0.25,
+        gt=0,
+        description="Seconds between a training stage's polls of its workers (Ray Train's health check). A "
+        "worker's metrics or checkpoint report waits for the next poll, so Ray's default of 2 s stalls training "
+        "at every report; raise it for stages of very many workers",
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch threads per process (None: torch's default)")
     address: str | None = Field(None, description="Ray address; None starts a local Ray in-process")
     auth_token_file: str | None = Field(
@@ -610,6 +617,7 @@ NOT_RESULTS: dict[str, str] = {
     "whole state and random generators",
     "resources.checkpoint_every_steps": "how often the training state is saved, not what it is",
     "resources.checkpoint_every_updates": "how often PPO's state is saved, not what it is",
+    "resources.report_poll_s": "how soon the controller takes a worker's report, not what the report holds",
     "resources.address": "which Ray cluster runs the job",
     "resources.auth_token_file": "how `retrikt submit` reaches the cluster",
 }

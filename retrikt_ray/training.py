@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 
 OUTPUTS_METRICS = "train_metrics.json"
 TRAIN_STORAGE = "_ray_train"
+# Ray Train's controller polls its workers this often, and a worker's `ray.train.report` blocks until a poll
+# takes it; Ray passes the driver's value on to the controller and the workers.
+RAY_TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 # DeepSpeed's checkpoint tag inside a Ray checkpoint folder, and each rank's loop state beside it.
 ENGINE_TAG = "engine"
 LOOP_STATE = "loop_state_rank{rank}.pt"
@@ -75,6 +79,19 @@ def deepspeed_config(spec: JobSpec, stage: str, batch_size: int) -> dict:
     return config
 
 
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    """`name` set to `value` for the block, unless the user set it: theirs wins."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
 def fit(
     loop: Callable[[dict], None], loop_config: dict, spec: JobSpec, stage: StageRun, batch_size: int
 ) -> dict[str, Any]:
@@ -108,7 +125,8 @@ def fit(
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
-    result = trainer.fit()
+    with _environment(RAY_TRAIN_POLL_ENV, str(resources.report_poll_s)):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{stage.name}: training ended without reporting its outputs")
     with result.checkpoint.as_directory() as outputs:
