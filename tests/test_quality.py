@@ -350,7 +350,8 @@ def test_student_variants_benchmark_reruns_only_the_student_and_evaluate_stages(
     copy = tmp_path / "runs" / run_dir.name
     shutil.copytree(run_dir, copy)
     variants = tmp_path / "variants.yaml"
-    variants.write_text("as_run: []\nstore_lists: [student.rank_lists=store]\n")
+    # Two epochs, not the shared run's twenty: the variant only has to retrain its student.
+    variants.write_text("as_run: []\nstore_lists: [student.rank_lists=store, student.epochs=2]\n")
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "student_variants.py"), "--run", str(copy),
          "--variants", str(variants), "--out", str(tmp_path / "variants")],
@@ -373,7 +374,7 @@ def test_student_variants_benchmark_reruns_only_the_student_and_evaluate_stages(
         and 0.0 <= against["p_value"] <= 1.0
     )
     table = (tmp_path / "variants.md").read_text()
-    assert "| as_run | as run |" in table and "| store_lists | `student.rank_lists=store` |" in table
+    assert "| as_run | as run |" in table and "| store_lists | `student.rank_lists=store` `student.epochs=2` |" in table
 
     def manifest(folder, stage):
         return json.loads((folder / stage / "manifest.json").read_text())

@@ -50,17 +50,18 @@ def runs_of(client, experiment: str, kind: str | None = None, parent: str | None
 
 @pytest.fixture(scope="module")
 def tracked_run(sst2_run, tmp_path_factory):
-    """`retrikt run` of the shared run's job with tracking on (its default store), the shared run copied in but for
-    its student and evaluate stages: five stages are found finished, two are redone."""
+    """`retrikt run` of the shared run's job with tracking on (its default store) and a shorter student, the shared
+    run copied in but for its student and evaluate stages: five stages are found finished, two are redone."""
     spec, run_dir = sst2_run
     root = tmp_path_factory.mktemp("tracked")
     job = spec.model_dump(mode="json")
     job["storage"]["runs_dir"] = str(root / "runs")
     job["tracking"] = {"enabled": True}
+    job["student"]["epochs"] = 3  # retrained: its curves need a few epochs, not the shared run's twenty
     path = root / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    copy = root / "runs" / run_dir.name
-    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(*REDONE))
+    copy = run_dir_for(JobSpec.model_validate(job))  # the shorter student names another folder
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(*REDONE, "job.yaml"))
     started = time.perf_counter()
     result = retrikt("run", str(path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
