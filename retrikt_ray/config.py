@@ -432,7 +432,7 @@ class ResourcesSpec(Section):
         gt=0,
         description="Seconds between a training stage's polls of its workers (Ray Train's health check). A "
         "worker's metrics or checkpoint report waits for the next poll, so Ray's default of 2 s stalls training "
-        "at every report; raise it for stages of very many workers",
+        "at every report; raise it for stages of very many workers. RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, when set, wins",
     )
     torch_threads: int | None = Field(None, ge=1, description="torch threads per process (None: torch's default)")
     address: str | None = Field(None, description="Ray address; None starts a local Ray in-process")

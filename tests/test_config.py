@@ -264,6 +264,22 @@ def test_deepspeed_settings_become_a_complete_engine_config(tmp_path):
     assert (student["train_micro_batch_size_per_gpu"], student["train_batch_size"]) == (4, 8)
 
 
+def test_ray_train_is_handed_the_report_poll_unless_the_user_set_rays_variable(monkeypatch):
+    """What Ray Train passes on to its controller and workers while a stage trains (its own function), with and
+    without the user's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from retrikt_ray.training import RAY_TRAIN_POLL_ENV, _environment
+
+    monkeypatch.delenv(RAY_TRAIN_POLL_ENV, raising=False)
+    with _environment(RAY_TRAIN_POLL_ENV, str(JobSpec().resources.report_poll_s)):
+        assert get_env_vars_to_propagate()[RAY_TRAIN_POLL_ENV] == "0.25"
+    assert RAY_TRAIN_POLL_ENV not in get_env_vars_to_propagate()
+    monkeypatch.setenv(RAY_TRAIN_POLL_ENV, "5")
+    with _environment(RAY_TRAIN_POLL_ENV, "0.25"):
+        assert get_env_vars_to_propagate()[RAY_TRAIN_POLL_ENV] == "5"
+
+
 def test_deepspeed_json_file_is_used_as_is_and_hashed_by_content(tmp_path):
     from retrikt_ray.training import deepspeed_config
 
