@@ -161,8 +161,9 @@ def _one_line(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _environment(values: dict[str, str], override: bool) -> Iterator[None]:
-    """MLflow's HTTP settings for a block: `override` sets them, else only those the user left unset."""
+def environment(values: dict[str, str], override: bool) -> Iterator[None]:
+    """Environment variables for a block (MLflow's HTTP settings, Ray Train's poll): `override` sets them, else
+    only those the user left unset; restored after."""
     saved = {name: os.environ.get(name) for name in values}
     for name, value in values.items():
         if override or name not in os.environ:
@@ -200,7 +201,7 @@ class Tracker:
     @contextlib.contextmanager
     def guard(self, first: bool = False) -> Iterator[None]:
         try:
-            with _environment(PROBE_ENV if first else CALL_ENV, override=first):
+            with environment(PROBE_ENV if first else CALL_ENV, override=first):
                 yield
         except Exception as error:  # tracking must never break a run
             self.on = False

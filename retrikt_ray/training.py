@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ import torch
 
 from .config import JobSpec, ResourcesSpec
 from .stage_contract import worker_spec as spec_in_worker
+from .tracking import environment
 
 if TYPE_CHECKING:
     from .artifacts import StageRun
@@ -79,19 +79,6 @@ def deepspeed_config(spec: JobSpec, stage: str, batch_size: int) -> dict:
     return config
 
 
-@contextlib.contextmanager
-def _environment(name: str, value: str):
-    """`name` set to `value` for the block, unless the user set it: theirs wins."""
-    if name in os.environ:
-        yield
-        return
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
-
-
 def fit(
     loop: Callable[[dict], None], loop_config: dict, spec: JobSpec, stage: StageRun, batch_size: int
 ) -> dict[str, Any]:
@@ -125,7 +112,7 @@ def fit(
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
-    with _environment(RAY_TRAIN_POLL_ENV, str(resources.report_poll_s)):
+    with environment({RAY_TRAIN_POLL_ENV: str(resources.report_poll_s)}, override=False):
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{stage.name}: training ended without reporting its outputs")

@@ -269,14 +269,15 @@ def test_ray_train_is_handed_the_report_poll_unless_the_user_set_rays_variable(m
     without the user's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S."""
     from ray.train.v2._internal.constants import get_env_vars_to_propagate
 
-    from retrikt_ray.training import RAY_TRAIN_POLL_ENV, _environment
+    from retrikt_ray.tracking import environment
+    from retrikt_ray.training import RAY_TRAIN_POLL_ENV
 
     monkeypatch.delenv(RAY_TRAIN_POLL_ENV, raising=False)
-    with _environment(RAY_TRAIN_POLL_ENV, str(JobSpec().resources.report_poll_s)):
+    with environment({RAY_TRAIN_POLL_ENV: str(JobSpec().resources.report_poll_s)}, override=False):
         assert get_env_vars_to_propagate()[RAY_TRAIN_POLL_ENV] == "0.25"
     assert RAY_TRAIN_POLL_ENV not in get_env_vars_to_propagate()
     monkeypatch.setenv(RAY_TRAIN_POLL_ENV, "5")
-    with _environment(RAY_TRAIN_POLL_ENV, "0.25"):
+    with environment({RAY_TRAIN_POLL_ENV: "0.25"}, override=False):
         assert get_env_vars_to_propagate()[RAY_TRAIN_POLL_ENV] == "5"
 
 
