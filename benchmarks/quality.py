@@ -83,6 +83,13 @@ class Profile(BaseModel):
             "(0: not run)"
         ),
     )
+    job_file: str | None = Field(
+        None,
+        description=(
+            "A job file (relative to the repository) whose settings every pipeline run starts from, under `job`: "
+            "a profile that is a job (the demo) names it instead of copying it, so their runs share stage hashes"
+        ),
+    )
     job: dict[str, Any] = Field(default_factory=dict, description="Job-spec mapping applied to every pipeline run")
     task_job: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -97,7 +104,15 @@ class Profile(BaseModel):
         unknown = sorted(set(self.task_job) - set(self.tasks))
         if unknown:
             raise ValueError(f"task_job: {', '.join(unknown)} not in tasks {self.tasks}")
+        if self.job_file is not None and not (REPO / self.job_file).is_file():
+            raise ValueError(f"job_file: {self.job_file} not found under {REPO}")
         return self
+
+    def base_job(self) -> dict[str, Any]:
+        """`job` over the job file's settings, when the profile names one."""
+        if self.job_file is None:
+            return self.job
+        return _merge(yaml.safe_load((REPO / self.job_file).read_text()) or {}, self.job)
 
 
 def load_profile(path: Path, name: str) -> Profile:
@@ -153,7 +168,7 @@ def variant_specs(profile: Profile, profile_name: str, task: str, seed: int, run
     specs = {}
     for variant, change in changes.items():
         raw = _merge(
-            _merge(profile.job, profile.task_job.get(task, {})),
+            _merge(profile.base_job(), profile.task_job.get(task, {})),
             {
                 "name": f"quality-{profile_name}-{task}-s{seed}-{variant}",
                 "task": {"name": task},
@@ -517,6 +532,13 @@ def write_results(out: Path, profile_name: str, profile: Profile, cells: Cells, 
     return results
 
 
+def seeds_finished(results: dict, task: str) -> str:
+    """`task [seeds]`: the seeds whose every cell ran (run_task_seed records a seed's extras last), and those begun."""
+    done = sorted(int(key.split("/")[1]) for key in results["extras"] if key.split("/")[0] == task)
+    begun = sorted({cell["seed"] for cell in results["cells"] if cell["task"] == task} - set(done))
+    return f"{task} {done}" + (f" (begun: {begun})" if begun else "")
+
+
 def markdown(results: dict, profile: Profile, stem: str) -> str:
     table, tasks = results["table"], profile.tasks
     lines = [
@@ -534,8 +556,7 @@ def markdown(results: dict, profile: Profile, stem: str) -> str:
             lines.append(
                 f"| {label} | " + " | ".join(format_cell(table.get(task, {}).get(method)) for task in tasks) + " |"
             )
-    seeds = {task: sorted({seed for s in table.get(task, {}).values() for seed in s["seeds"]}) for task in tasks}
-    lines += ["", "Seeds finished: " + ", ".join(f"{task} {seeds[task]}" for task in tasks), ""]
+    lines += ["", "Seeds finished: " + ", ".join(seeds_finished(results, task) for task in tasks), ""]
     lines += [
         "## Targets (on the means)",
         "",

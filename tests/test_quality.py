@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 
-from retrikt_ray.config import JobSpec
+from retrikt_ray.config import JobSpec, load_spec
 from retrikt_ray.metrics import mcnemar_exact, paired
 from retrikt_ray.pipeline import plan
 from retrikt_ray.retrieval_student import RetrievalStudent, ce_loss, encoder_fingerprint
@@ -255,6 +256,8 @@ def test_results_and_plot_files_are_written(tmp_path):
     assert "test budget" in text and "0.60 -> 0.80" in text
     assert "| 25% (33%) of 48: retrieval gated off, head alone |" in text and text.count("retrieval gated off") == 1
     assert "| ablation: L_rank weight b = 0.3 | 81.0 | - |" in text and "| ablation: store 25% | 75.0 | - |" in text
+    # A seed counts as finished once all its cells ran (its extras are written last); the others as begun.
+    assert "Seeds finished: sst2 [0] (begun: [1, 2]), rte [0]" in text
     # A rerun of the same profile starts from the finished cells; another profile starts afresh.
     assert len(quality.Cells(tmp_path / "quality.json", "test").cells) == len(_cells())
     assert quality.Cells(tmp_path / "quality.json", "other").cells == []
@@ -327,6 +330,17 @@ def test_every_committed_profile_gives_valid_job_specs(tmp_path):
     small = quality.variant_specs(quality.load_profile(budgets, "cpu-small"), "cpu-small", "sst2", 0, tmp_path)
     assert pool["full"].generate.samples_per_label == 4 * small["full"].generate.samples_per_label
     assert pool["full"].ppo == small["full"].ppo and pool["full"].student == small["full"].student
+    # cpu-demo starts from jobs/demo.yaml, so its SST-2 seed-0 run is the demo's run, stage by stage.
+    demo = quality.variant_specs(quality.load_profile(budgets, "cpu-demo"), "cpu-demo", "sst2", 0, tmp_path)
+    demo_job = load_spec(REPO / "jobs" / "demo.yaml")
+
+    def hashes(spec):
+        return {stage.name: stage.stage_hash for stage in plan(spec, tmp_path / "run")}
+
+    assert hashes(demo["full"]) == hashes(demo_job)
+    with pytest.raises(ValidationError, match="job_file: jobs/missing.yaml not found"):
+        quality.Profile(description="-", tasks=["sst2"], seeds=[0], ablation_tasks=[], store_fractions=[],
+                        job_file="jobs/missing.yaml")  # fmt: skip
 
 
 def test_exact_mcnemar_counts_the_rows_only_one_of_two_students_gets_right():
