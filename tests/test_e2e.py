@@ -26,7 +26,7 @@ name: e2e
 task: {name: sst2}
 data: {shots: 4, dev_limit: 48}
 prompt: {epochs: 2, batch_size: 4}
-ppo: {updates: 2, rollouts_per_update: 4, ppo_epochs: 1, minibatch_size: 4, max_new_tokens: 20,
+ppo: {updates: 1, rollouts_per_update: 4, ppo_epochs: 1, minibatch_size: 4, max_new_tokens: 20,
       eval_samples_per_label: 4}
 generate: {samples_per_label: 24, batch_size: 12, rows_per_task: 12, max_new_tokens: 32}
 student: {epochs: 1, batch_size: 16, gold_per_batch: 4}
