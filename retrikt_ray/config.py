@@ -435,7 +435,11 @@ class ResourcesSpec(Section):
         "at every report; raise it for stages of very many workers. RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, when set, wins",
     )
     torch_threads: int | None = Field(None, ge=1, description="torch threads per process (None: torch's default)")
-    address: str | None = Field(None, description="Ray address; None starts a local Ray in-process")
+    address: str | None = Field(
+        None,
+        description="Ray address; None starts a local Ray in-process (its training stages run without Ray Train's "
+        "preemption watcher: one machine has no node to drain)",
+    )
     auth_token_file: str | None = Field(
         None,
         description="File holding the Ray cluster's token for `retrikt submit` "

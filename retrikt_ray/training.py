@@ -31,6 +31,8 @@ TRAIN_STORAGE = "_ray_train"
 # Ray Train's controller polls its workers this often, and a worker's `ray.train.report` blocks until a poll
 # takes it; Ray passes the driver's value on to the controller and the workers.
 RAY_TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+# Ray Train's preemption watcher: an actor (one more process per stage) that reacts to nodes being drained.
+RAY_TRAIN_PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # DeepSpeed's checkpoint tag inside a Ray checkpoint folder, and each rank's loop state beside it.
 ENGINE_TAG = "engine"
 LOOP_STATE = "loop_state_rank{rank}.pt"
@@ -79,6 +81,16 @@ def deepspeed_config(spec: JobSpec, stage: str, batch_size: int) -> dict:
     return config
 
 
+def ray_train_environment(resources: ResourcesSpec) -> dict[str, str]:
+    """The Ray Train settings a stage trains under (Ray passes them on to its controller and workers): the report
+    poll, and on the local in-process Ray (no address) the preemption watcher off, as that one node has no
+    drain to react to and the watcher's process would only slow every stage's start."""
+    settings = {RAY_TRAIN_POLL_ENV: str(resources.report_poll_s)}
+    if resources.address is None:
+        settings[RAY_TRAIN_PREEMPTION_ENV] = "0"
+    return settings
+
+
 def fit(
     loop: Callable[[dict], None], loop_config: dict, spec: JobSpec, stage: StageRun, batch_size: int
 ) -> dict[str, Any]:
@@ -112,7 +124,7 @@ def fit(
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
-    with environment({RAY_TRAIN_POLL_ENV: str(resources.report_poll_s)}, override=False):
+    with environment(ray_train_environment(resources), override=False):
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{stage.name}: training ended without reporting its outputs")

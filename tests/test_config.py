@@ -264,21 +264,31 @@ def test_deepspeed_settings_become_a_complete_engine_config(tmp_path):
     assert (student["train_micro_batch_size_per_gpu"], student["train_batch_size"]) == (4, 8)
 
 
-def test_ray_train_is_handed_the_report_poll_unless_the_user_set_rays_variable(monkeypatch):
+def test_ray_train_is_handed_the_report_poll_and_the_watcher_setting_unless_the_user_set_rays_variables(monkeypatch):
     """What Ray Train passes on to its controller and workers while a stage trains (its own function), with and
-    without the user's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S."""
+    without the user's variables; the preemption watcher is off on the local in-process Ray only."""
     from ray.train.v2._internal.constants import get_env_vars_to_propagate
 
     from retrikt_ray.tracking import environment
-    from retrikt_ray.training import RAY_TRAIN_POLL_ENV
+    from retrikt_ray.training import RAY_TRAIN_POLL_ENV, RAY_TRAIN_PREEMPTION_ENV, ray_train_environment
+
+    def passed_on() -> dict[str, str]:
+        ours = (RAY_TRAIN_POLL_ENV, RAY_TRAIN_PREEMPTION_ENV)
+        return {name: value for name, value in get_env_vars_to_propagate().items() if name in ours}
 
     monkeypatch.delenv(RAY_TRAIN_POLL_ENV, raising=False)
-    with environment({RAY_TRAIN_POLL_ENV: str(JobSpec().resources.report_poll_s)}, override=False):
-        assert get_env_vars_to_propagate()[RAY_TRAIN_POLL_ENV] == "0.25"
-    assert RAY_TRAIN_POLL_ENV not in get_env_vars_to_propagate()
+    monkeypatch.delenv(RAY_TRAIN_PREEMPTION_ENV, raising=False)
+    local = JobSpec().resources
+    with environment(ray_train_environment(local), override=False):
+        assert passed_on() == {RAY_TRAIN_POLL_ENV: "0.25", RAY_TRAIN_PREEMPTION_ENV: "0"}
+    assert passed_on() == {}
+    cluster = local.model_copy(update={"address": "auto"})
+    with environment(ray_train_environment(cluster), override=False):
+        assert passed_on() == {RAY_TRAIN_POLL_ENV: "0.25"}
     monkeypatch.setenv(RAY_TRAIN_POLL_ENV, "5")
-    with environment({RAY_TRAIN_POLL_ENV: "0.25"}, override=False):
-        assert get_env_vars_to_propagate()[RAY_TRAIN_POLL_ENV] == "5"
+    monkeypatch.setenv(RAY_TRAIN_PREEMPTION_ENV, "1")
+    with environment(ray_train_environment(local), override=False):
+        assert passed_on() == {RAY_TRAIN_POLL_ENV: "5", RAY_TRAIN_PREEMPTION_ENV: "1"}
 
 
 def test_deepspeed_json_file_is_used_as_is_and_hashed_by_content(tmp_path):

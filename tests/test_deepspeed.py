@@ -23,7 +23,7 @@ import yaml
 from helpers import manifest, run_logged, still_running, tiny_spec
 
 from retrikt_ray import pipeline
-from retrikt_ray.training import TRAIN_STORAGE
+from retrikt_ray.training import RAY_TRAIN_POLL_ENV, RAY_TRAIN_PREEMPTION_ENV, TRAIN_STORAGE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,6 +95,24 @@ def run_killing_a_worker(spec, stage: str, stage_dir: Path) -> None:
     finally:
         runner.join(timeout=600)
     assert "lines" in outcome, f"the {stage} stage did not finish after the worker was killed"
+
+
+def test_the_local_rays_stages_train_with_the_report_poll_and_no_preemption_watcher(sst2_run):
+    """training.fit hands Ray Train its settings: the controllers of the shared run's training stages were started
+    with them, and the local Ray never started a preemption watcher."""
+    import ray
+    from ray.util.state import list_actors
+
+    def actors(class_name: str) -> list:
+        address = ray.get_runtime_context().gcs_address
+        return list_actors(address=address, filters=[("class_name", "=", class_name)], detail=True, limit=10_000)
+
+    controllers = actors("TrainController")
+    assert len(controllers) >= 3  # prompt, ppo and student
+    for controller in controllers:
+        env_vars = json.loads(controller.serialized_runtime_env)["env_vars"]
+        assert env_vars[RAY_TRAIN_POLL_ENV] == "0.25" and env_vars[RAY_TRAIN_PREEMPTION_ENV] == "0"
+    assert actors("PreemptionWatcher") == []
 
 
 def test_killed_worker_resumes_from_checkpoint(sst2_run, tmp_path):
