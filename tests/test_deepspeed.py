@@ -166,6 +166,9 @@ def test_interrupted_run_resumes_ppo_at_its_saved_update(sst2_run, tmp_path):
     spec, run_dir = sst2_run
     job = spec.model_dump(mode="json")
     job["storage"]["runs_dir"] = str(tmp_path / "runs")
+    # Ray's own 2 s poll: each PPO checkpoint report then waits for it, which leaves the SIGTERM time to land
+    # between the first checkpoint and the last. It is in no stage's hash, so the copied stages stay finished.
+    job["resources"]["report_poll_s"] = 2.0
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     copy = tmp_path / "runs" / run_dir.name
