@@ -209,6 +209,22 @@ def aggregate(cells: list[dict]) -> dict[str, dict[str, dict]]:
     return table
 
 
+def retention(cells: list[dict]) -> dict[str, dict]:
+    """task -> {mean, min, max, seeds} of RetriKT's accuracy over the calibrated zero-shot teacher's, per seed.
+
+    Paired per seed (both come from the same run), so a seed with only one of the two is left out."""
+    by_seed: dict[tuple[str, int], dict[str, float]] = {}
+    for cell in cells:
+        if cell["method"] in ("retrikt", "teacher_zero_shot"):
+            by_seed.setdefault((cell["task"], cell["seed"]), {})[cell["method"]] = cell["accuracy"]
+    ratios = [
+        {"task": task, "seed": seed, "method": "retention", "accuracy": pair["retrikt"] / pair["teacher_zero_shot"]}
+        for (task, seed), pair in by_seed.items()
+        if len(pair) == 2 and pair["teacher_zero_shot"] > 0
+    ]
+    return {task: methods["retention"] for task, methods in aggregate(ratios).items()}
+
+
 def format_cell(summary: dict | None) -> str:
     if summary is None:
         return "-"
@@ -513,6 +529,7 @@ def write_results(out: Path, profile_name: str, profile: Profile, cells: Cells, 
         "budget": profile.model_dump(mode="json"),
         "table": table,
         "targets": targets(table, profile.tasks),
+        "retention": retention(cells.cells),
         "cells": cells.cells,
         "extras": cells.extras,
         "wall_seconds_this_invocation": round(time.perf_counter() - started, 1),
@@ -551,10 +568,17 @@ def markdown(results: dict, profile: Profile, stem: str) -> str:
         "| method | " + " | ".join(tasks) + " |",
         "|---|" + "---|" * len(tasks),
     ]
+    kept = retention(results["cells"])
     for method, label in method_labels(profile).items():
         if any(method in table.get(task, {}) for task in tasks):
             lines.append(
                 f"| {label} | " + " | ".join(format_cell(table.get(task, {}).get(method)) for task in tasks) + " |"
+            )
+        if method == "retrikt" and kept:  # right under the row it divides
+            lines.append(
+                "| retention: RetriKT ÷ teacher zero-shot, per seed | "
+                + " | ".join(format_cell(kept.get(task)) for task in tasks)
+                + " |"
             )
     lines += ["", "Seeds finished: " + ", ".join(seeds_finished(results, task) for task in tasks), ""]
     lines += [

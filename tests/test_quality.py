@@ -184,6 +184,8 @@ def _cells():
     cells.append({"task": "sst2", "seed": 0, "method": "retrikt_store_25", "accuracy": 0.75, "seconds": 1.0})
     cells.append({"task": "sst2", "seed": 0, "method": "retrikt_rank_b0.3", "accuracy": 0.81, "seconds": 1.0})
     cells.append({"task": "rte", "seed": 0, "method": "retrikt", "accuracy": 0.5, "seconds": 1.0})
+    for seed, teacher in ((0, 0.85), (1, 0.86)):  # seed 2 has no teacher cell: no retention for it
+        cells.append({"task": "sst2", "seed": seed, "method": "teacher_zero_shot", "accuracy": teacher, "seconds": 1.0})
     return cells
 
 
@@ -255,6 +257,9 @@ def test_results_and_plot_files_are_written(tmp_path):
     assert "| RetriKT: student + store, full recipe | 83.0 (80.0-86.0) | 50.0 |" in text
     assert "test budget" in text and "0.60 -> 0.80" in text
     assert "| 25% (33%) of 48: retrieval gated off, head alone |" in text and text.count("retrieval gated off") == 1
+    # Retention pairs RetriKT with the teacher of the same seed: 0.80 / 0.85 and 0.86 / 0.86.
+    assert written["retention"]["sst2"]["seeds"] == [0, 1] and "rte" not in written["retention"]
+    assert "| retention: RetriKT ÷ teacher zero-shot, per seed | 97.1 (94.1-100.0) | - |" in text
     assert "| ablation: L_rank weight b = 0.3 | 81.0 | - |" in text and "| ablation: store 25% | 75.0 | - |" in text
     # A seed counts as finished once all its cells ran (its extras are written last); the others as begun.
     assert "Seeds finished: sst2 [0] (begun: [1, 2]), rte [0]" in text
