@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from baselines import BaselineSettings  # noqa: E402
 
 from retrikt_ray.config import JobSpec, format_validation_error  # noqa: E402
-from retrikt_ray.metrics import accuracy  # noqa: E402
+from retrikt_ray.metrics import accuracy, paired  # noqa: E402
 
 # Row order of the table, with the label each method is shown under.
 METHODS = {
@@ -81,6 +81,14 @@ class Profile(BaseModel):
         description=(
             "Beyond the recipe, on the ablation tasks: the full run plus this many teacher-labelled in-domain texts "
             "(0: not run)"
+        ),
+    )
+    student_variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description=(
+            "Beyond the recipe, on the ablation tasks: named student-section settings (e.g. noise-robust training "
+            "on the teacher's labels), each run as the full recipe with them on the full run's store and compared "
+            "with the full run row by row"
         ),
     )
     job_file: str | None = Field(
@@ -133,6 +141,10 @@ def rank_method(weight: float) -> str:
     return f"retrikt_rank_b{weight:g}"
 
 
+def student_variant_method(name: str) -> str:
+    return f"retrikt_student_{name}"
+
+
 def method_labels(profile: Profile) -> dict[str, str]:
     """Row order of the table with each method's label: METHODS, then the profile's own ablations."""
     labels = dict(METHODS)
@@ -140,6 +152,12 @@ def method_labels(profile: Profile) -> dict[str, str]:
     labels.update(
         {fraction_method(fraction): f"ablation: store {fraction * 100:g}%" for fraction in profile.store_fractions}
     )
+    for name, settings in profile.student_variants.items():
+        labels[student_variant_method(name)] = (
+            f"beyond the recipe: student {name} ("
+            + ", ".join(f"{field} {value}" for field, value in settings.items())
+            + ")"
+        )
     if profile.unlabelled_samples:
         labels[UNLABELLED] = (
             f"beyond the recipe: full recipe + {profile.unlabelled_samples} unlabelled in-domain texts, "
@@ -163,6 +181,8 @@ def variant_specs(profile: Profile, profile_name: str, task: str, seed: int, run
             changes[rank_method(weight).removeprefix("retrikt_")] = {"student": {"b": weight}}
         for fraction in profile.store_fractions:
             changes[fraction_method(fraction).removeprefix("retrikt_")] = {"store": {"fraction": fraction}}
+        for name, settings in profile.student_variants.items():
+            changes[student_variant_method(name).removeprefix("retrikt_")] = {"student": settings}
         if profile.unlabelled_samples:
             changes[UNLABELLED.removeprefix("retrikt_")] = {"unlabelled": {"samples": profile.unlabelled_samples}}
     specs = {}
@@ -374,10 +394,13 @@ class Cells:
     def has(self, task: str, seed: int, method: str) -> bool:
         return any((c["task"], c["seed"], c["method"]) == (task, seed, method) for c in self.cells)
 
-    def add(self, task: str, seed: int, method: str, accuracy: float, seconds: float) -> None:
-        self.cells.append(
-            {"task": task, "seed": seed, "method": method, "accuracy": float(accuracy), "seconds": round(seconds, 1)}
-        )
+    def add(
+        self, task: str, seed: int, method: str, accuracy: float, seconds: float, against_full: dict | None = None
+    ) -> None:
+        cell = {"task": task, "seed": seed, "method": method, "accuracy": float(accuracy), "seconds": round(seconds, 1)}
+        if against_full is not None:
+            cell["against_full"] = against_full
+        self.cells.append(cell)
         print(f"[quality] {task} seed {seed} {method}: {accuracy:.3f} ({seconds:.0f}s)", flush=True)
         if self.write_hook:
             self.write_hook()
@@ -452,6 +475,15 @@ def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int
         ]:
             variant = method.removeprefix("retrikt_")
             cell(method, lambda variant=variant: pipeline_metrics(variant)["accuracy_student_store"])
+        for name in profile.student_variants:
+            method = student_variant_method(name)
+            if cells.has(task_name, seed, method):
+                continue
+            started = time.perf_counter()
+            variant_accuracy = pipeline_metrics(method.removeprefix("retrikt_"))["accuracy_student_store"]
+            full_dir = run_dirs.get("full") or run(full, log=print)
+            against_full = paired(dev_rows_right(full_dir), dev_rows_right(run_dirs[method.removeprefix("retrikt_")]))
+            cells.add(task_name, seed, method, variant_accuracy, time.perf_counter() - started, against_full)
 
     key = f"{task_name}/{seed}"
     if key not in cells.extras:
@@ -487,6 +519,14 @@ def run_task_seed(profile: Profile, profile_name: str, task_name: str, seed: int
         cells.extras[key] = extra
         if cells.write_hook:
             cells.write_hook()
+
+
+def dev_rows_right(run_dir: Path) -> np.ndarray:
+    """Per dev row, whether the finished run's student+store answered it right."""
+    import pandas as pd
+
+    predictions = pd.read_parquet(run_dir / "evaluate" / "predictions.parquet")
+    return (predictions["gold"] == predictions["predicted"]).to_numpy()
 
 
 def generated_pool(run_dir: Path) -> dict:
@@ -587,6 +627,26 @@ def markdown(results: dict, profile: Profile, stem: str) -> str:
         *[f"- {name}: {'met' if met else 'NOT met'}" for name, met in results["targets"].items()],
         "",
     ]
+    compared = [cell for cell in results["cells"] if "against_full" in cell]
+    if compared:
+        labels = method_labels(profile)
+        lines += [
+            "## Student variants against the full run, row by row",
+            "",
+            "Each variant trains the student on the full run's store; dev rows only the full run gets right / only "
+            "the variant gets right, and the exact McNemar p-value.",
+            "",
+            "| task / seed | variant | accuracy | only full right / only variant right | p |",
+            "|---|---|---|---|---|",
+        ]
+        for cell in sorted(compared, key=lambda c: (c["task"], c["seed"], c["method"])):
+            versus = cell["against_full"]
+            lines.append(
+                f"| {cell['task']}/{cell['seed']} | {labels.get(cell['method'], cell['method'])} | "
+                f"{100 * cell['accuracy']:.1f} | {versus['only_baseline_right']} / {versus['only_variant_right']} | "
+                f"{versus['p_value']:.3f} |"
+            )
+        lines.append("")
     lines += [
         "## Generated samples and PPO",
         "",

@@ -355,6 +355,20 @@ class StudentSpec(DeepSpeedOption):
         "when they answer them no better than always answering their majority label (by one standard error), the "
         "student trains and predicts with its head alone (lam = 0), as retrieving would only add the teacher's noise",
     )
+    kd_weighting: Literal["uniform", "confidence"] = Field(
+        "uniform",
+        description="How L_kd weighs the store rows of a batch. uniform: equally (the recipe). confidence: by "
+        "how far the row's soft label is from uniform, (max q - 1/C) / (1 - 1/C), so that samples the teacher "
+        "labels near chance teach the student little",
+    )
+    kd_bootstrap: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of the student's own current prediction (no gradient) mixed into each L_kd target: "
+        "(1 - beta) q + beta p, soft bootstrapping, so that a label the student and the rest of the store "
+        "contradict pulls less; 0: the teacher's soft labels alone",
+    )
     a: float = Field(1.0, ge=0, description="Weight of L_ce on the gold few-shot set")
     b: float = Field(1.0, ge=0, description="Weight of L_rank (listwise ranking distillation)")
     tau_teacher: float = Field(0.05, gt=0, description="tau_T of L_rank")

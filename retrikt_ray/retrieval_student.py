@@ -279,11 +279,21 @@ def _eval_mode(module: torch.nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ losses
-def kd_loss(q_teacher: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(q || p), with 0 log 0 = 0 and p floored at 1e-8."""
+def kd_loss(q_teacher: torch.Tensor, p: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over rows of KL(q || p), with 0 log 0 = 0 and p floored at 1e-8; with `weights`, their weighted mean
+    (0 when every weight is 0)."""
     q_teacher = q_teacher.to(device=p.device, dtype=p.dtype)
-    kl = torch.xlogy(q_teacher, q_teacher) - q_teacher * torch.log(p.clamp_min(PROB_FLOOR))
-    return kl.sum(dim=-1).mean()
+    kl = (torch.xlogy(q_teacher, q_teacher) - q_teacher * torch.log(p.clamp_min(PROB_FLOOR))).sum(dim=-1)
+    if weights is None:
+        return kl.mean()
+    weights = weights.to(device=p.device, dtype=p.dtype)
+    return (weights * kl).sum() / weights.sum().clamp_min(PROB_FLOOR)
+
+
+def confidence_weights(q_teacher: torch.Tensor) -> torch.Tensor:
+    """Per row, how far the soft label is from uniform: (max q - 1/C) / (1 - 1/C), 0 at uniform, 1 when one-hot."""
+    chance = 1.0 / q_teacher.shape[-1]
+    return ((q_teacher.max(dim=-1).values - chance) / (1.0 - chance)).clamp_min(0.0)
 
 
 def ce_loss(targets: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

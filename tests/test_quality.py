@@ -143,6 +143,7 @@ def test_variants_share_the_stages_they_should(tiny_models, tmp_path):
         store_fractions=[0.25],
         rank_weights=[0.1],
         unlabelled_samples=50,
+        student_variants={"confidence_kd": {"kd_weighting": "confidence"}},
         job={"teacher": {"model": tiny_models["teacher"]}, "student": {"model": tiny_models["student"]}},
         task_job={"rte": {"generate": {"max_new_tokens": 96}}},
     )
@@ -155,7 +156,16 @@ def test_variants_share_the_stages_they_should(tiny_models, tmp_path):
     budgets.write_text(yaml.safe_dump({"profiles": {"typo": {**profile.model_dump(), "task_job": {"rtee": {}}}}}))
     with pytest.raises(SystemExit, match=r"budgets.yaml, profile typo: task_job: rtee not in tasks \['sst2', 'rte'\]$"):
         quality.load_profile(budgets, "typo")
-    assert set(specs) == {"full", "zerogen", "no_ppo", "no_rank", "rank_b0.1", "store_25", "unlabelled"}
+    assert set(specs) == {
+        "full",
+        "zerogen",
+        "no_ppo",
+        "no_rank",
+        "rank_b0.1",
+        "store_25",
+        "unlabelled",
+        "student_confidence_kd",
+    }
     hashes = {
         variant: {stage.name: stage.stage_hash for stage in plan(spec, tmp_path / variant)}
         for variant, spec in specs.items()
@@ -166,8 +176,9 @@ def test_variants_share_the_stages_they_should(tiny_models, tmp_path):
         assert hashes[variant]["generate"] == full["generate"]
     assert specs["unlabelled"].unlabelled.samples == 50 and hashes["unlabelled"]["unlabelled"] != full["unlabelled"]
     assert hashes["no_ppo"]["ppo"] != full["ppo"]
-    for variant in ("no_rank", "rank_b0.1"):
+    for variant in ("no_rank", "rank_b0.1", "student_confidence_kd"):
         assert hashes[variant]["store"] == full["store"] and hashes[variant]["student"] != full["student"]
+    assert specs["student_confidence_kd"].student.kd_weighting == "confidence"
     assert specs["rank_b0.1"].student.b == 0.1
     assert hashes["store_25"]["store"] != full["store"]
     assert specs["zerogen"].student.lam == 0 and specs["zerogen"].student.b == 0
@@ -210,9 +221,11 @@ def test_results_and_plot_files_are_written(tmp_path):
         ablation_tasks=["sst2"],
         store_fractions=[0.25],
         rank_weights=[0.3],
+        student_variants={"confidence_kd": {"kd_weighting": "confidence"}},
     )
     cells = quality.Cells(tmp_path / "quality.json", "test")
     cells.cells = _cells()
+    cells.add("sst2", 0, "retrikt_student_confidence_kd", 0.82, 1.0, quality.paired([1, 1, 0, 0], [1, 0, 1, 1]))
     history = [
         {
             "update": u,
@@ -260,11 +273,15 @@ def test_results_and_plot_files_are_written(tmp_path):
     # Retention pairs RetriKT with the teacher of the same seed: 0.80 / 0.85 and 0.86 / 0.86.
     assert written["retention"]["sst2"]["seeds"] == [0, 1] and "rte" not in written["retention"]
     assert "| retention: RetriKT ÷ teacher zero-shot, per seed | 97.1 (94.1-100.0) | - |" in text
+    assert "| beyond the recipe: student confidence_kd (kd_weighting confidence) | 82.0 | - |" in text
+    assert (
+        "| sst2/0 | beyond the recipe: student confidence_kd (kd_weighting confidence) | 82.0 | 1 / 2 | 1.000 |" in text
+    )
     assert "| ablation: L_rank weight b = 0.3 | 81.0 | - |" in text and "| ablation: store 25% | 75.0 | - |" in text
     # A seed counts as finished once all its cells ran (its extras are written last); the others as begun.
     assert "Seeds finished: sst2 [0] (begun: [1, 2]), rte [0]" in text
     # A rerun of the same profile starts from the finished cells; another profile starts afresh.
-    assert len(quality.Cells(tmp_path / "quality.json", "test").cells) == len(_cells())
+    assert len(quality.Cells(tmp_path / "quality.json", "test").cells) == len(_cells()) + 1
     assert quality.Cells(tmp_path / "quality.json", "other").cells == []
 
 

@@ -402,6 +402,32 @@ def test_a_gated_student_is_trained_saved_and_evaluated_with_its_head_alone(ray_
     assert metrics["accuracy_student_store"] == metrics["accuracy_student_head"]
 
 
+def test_the_kd_term_is_todays_by_default_and_weighs_or_bootstraps_as_asked():
+    import torch
+
+    from retrikt_ray.config import StudentSpec
+    from retrikt_ray.retrieval_student import kd_loss
+    from retrikt_ray.stages.student import kd_term
+
+    soft = torch.tensor([[0.9, 0.1], [0.5, 0.5]])
+    p = torch.tensor([[0.6, 0.4], [0.3, 0.7]], requires_grad=True)
+    assert kd_term(StudentSpec(), soft, p).item() == kd_loss(soft, p).item()
+    # confidence: the row the teacher labels at chance drops out
+    assert kd_term(StudentSpec(kd_weighting="confidence"), soft, p).item() == pytest.approx(
+        kd_loss(soft[:1], p[:1]).item()
+    )
+    # bootstrap: the target moves halfway to the student's own prediction, and no gradient flows through it
+    bootstrapped = kd_term(StudentSpec(kd_bootstrap=0.5), soft, p)
+    target = 0.5 * soft + 0.5 * p.detach()
+    assert bootstrapped.item() == pytest.approx(kd_loss(target, p).item())
+    bootstrapped.backward()
+    gradient = p.grad.clone()
+    p.grad = None
+    leaf = p.detach().clone().requires_grad_()
+    kd_loss(target, leaf).backward()
+    assert torch.allclose(gradient, leaf.grad)
+
+
 def test_rank_lists_hold_each_row_once_and_never_padding():
     from retrikt_ray.stages.student import rank_lists
 

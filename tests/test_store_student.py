@@ -11,6 +11,7 @@ from retrikt_ray.knowledge_store import KnowledgeStore
 from retrikt_ray.retrieval_student import (
     RetrievalStudent,
     ce_loss,
+    confidence_weights,
     encoder_fingerprint,
     kd_loss,
     rank_loss,
@@ -201,6 +202,18 @@ def test_kd_loss():
     one_hot = torch.tensor([[1.0, 0.0]])
     assert kd_loss(one_hot, torch.tensor([[0.5, 0.5]])).item() == pytest.approx(math.log(2), rel=1e-6)
     assert math.isfinite(kd_loss(torch.tensor([[0.0, 1.0]]), one_hot).item())
+
+
+def test_weighted_kd_loss_is_the_weighted_mean_and_confidence_is_zero_at_uniform():
+    q = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]])
+    p = torch.tensor([[0.6, 0.4], [0.3, 0.7], [0.5, 0.5]])
+    rows = [kd_loss(q[i : i + 1], p[i : i + 1]).item() for i in range(3)]
+    weights = confidence_weights(q)
+    assert weights.tolist() == pytest.approx([0.8, 0.0, 0.6])
+    assert kd_loss(q, p, weights).item() == pytest.approx((0.8 * rows[0] + 0.6 * rows[2]) / 1.4, rel=1e-6)
+    assert kd_loss(q, p, torch.ones(3)).item() == pytest.approx(kd_loss(q, p).item(), rel=1e-6)
+    assert kd_loss(q[1:2], p[1:2], confidence_weights(q[1:2])).item() == 0.0  # all at chance: nothing to learn
+    assert confidence_weights(torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.25, 0.25]])).tolist() == pytest.approx([1, 0.25])
 
 
 def test_ce_loss():

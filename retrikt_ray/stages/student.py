@@ -159,6 +159,18 @@ class StudentLoop(LoopState):
     keys: tuple[np.ndarray, str] | None = None
 
 
+def kd_term(settings, soft_rows, p):
+    """L_kd of a batch: KL from each row's soft label (bootstrapped with the student's own prediction when
+    student.kd_bootstrap > 0) to the student's p, weighed as student.kd_weighting says."""
+    from ..retrieval_student import confidence_weights, kd_loss
+
+    target = soft_rows
+    if settings.kd_bootstrap:
+        target = (1 - settings.kd_bootstrap) * soft_rows + settings.kd_bootstrap * p.detach().to(soft_rows.dtype)
+    weights = confidence_weights(soft_rows) if settings.kd_weighting == "confidence" else None
+    return kd_loss(target, p, weights)
+
+
 def train_loop(config: dict) -> None:
     from tqdm import tqdm
 
@@ -167,7 +179,6 @@ def train_loop(config: dict) -> None:
         RetrievalStudent,
         ce_loss,
         encoder_fingerprint,
-        kd_loss,
         rank_loss,
         store_rank_loss,
         teacher_neighbours,
@@ -252,7 +263,7 @@ def train_loop(config: dict) -> None:
             else []
         )
         z, out, gold_out = optimiser.model(store, [store.inputs[i] for i in ids], ids, [gold_inputs[i] for i in gold])
-        l_kd = kd_loss(soft[ids], out["p"])
+        l_kd = kd_term(settings, soft[ids], out["p"])
         l_ce = (
             ce_loss(torch.tensor([gold_targets[i] for i in gold], device=device), gold_out["p"])
             if gold_out is not None
