@@ -200,7 +200,7 @@ def _cells():
     return cells
 
 
-def test_aggregation_gives_mean_and_min_max_over_seeds():
+def test_aggregation_gives_mean_and_min_max_over_seeds(tmp_path):
     table = quality.aggregate(_cells())
     summary = table["sst2"]["retrikt"]
     assert summary["mean"] == pytest.approx(0.83) and summary["min"] == 0.80 and summary["max"] == 0.86
@@ -208,6 +208,10 @@ def test_aggregation_gives_mean_and_min_max_over_seeds():
     assert table["rte"]["retrikt"] == {"mean": 0.5, "min": 0.5, "max": 0.5, "seeds": [0]}
     assert quality.format_cell(summary) == "83.0 (80.0-86.0)"
     assert quality.format_cell(table["rte"]["retrikt"]) == "50.0"
+    # CB's zero-shot teacher scores 19 of 56 on every seed; the float mean of that is below the value itself.
+    equal = quality.aggregate([{"task": "cb", "seed": seed, "method": "m", "accuracy": 19 / 56} for seed in range(3)])
+    assert equal["cb"]["m"]["mean"] == equal["cb"]["m"]["min"] == 19 / 56
+    quality.plot_accuracy(equal, ["cb"], {"m": "m"}, tmp_path / "equal.png")
     checks = quality.targets(table, ["sst2", "rte"])
     assert checks["sst2_retrikt_at_least_84.4"] is False
     assert checks["sst2_retrikt_5_points_above_setfit"] is True  # 0.83 >= 0.72 + 0.05
